@@ -1,0 +1,1 @@
+"""Benchmarks: each compares gradsmith with its anchor in the same run."""

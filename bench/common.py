@@ -1,0 +1,97 @@
+"""Shared benchmark utilities: timing with warm-up and medians, compiled-memory
+figures, and JSON output with device metadata under bench/results/."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def block(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1, **kwargs: Any) -> float:
+  """Median wall time in seconds of ``fn(*args)`` after ``warmup`` calls (compile)."""
+  for _ in range(warmup):
+    block(fn(*args, **kwargs))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    block(fn(*args, **kwargs))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def compiled_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, int]:
+  """XLA's static memory analysis of ``jax.jit(fn)(*args)``: bytes of arguments,
+  outputs, temporaries, and their sum (the program's peak working set)."""
+  compiled = jax.jit(fn).lower(*args, **kwargs).compile()
+  m = compiled.memory_analysis()
+  out = {
+      "argument_bytes": int(m.argument_size_in_bytes),
+      "output_bytes": int(m.output_size_in_bytes),
+      "temp_bytes": int(m.temp_size_in_bytes),
+      "alias_bytes": int(m.alias_size_in_bytes),
+  }
+  out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+  return out
+
+
+def tree_bytes(tree: Any) -> int:
+  """Total bytes of the array leaves of ``tree``."""
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+
+
+def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
+  """Measured float32 matmul throughput of the default device (n x n x n)."""
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  f = jax.jit(lambda a: a @ a)
+  return 2 * n**3 / time_fn(f, a, repeats=repeats)
+
+
+def metadata() -> dict[str, Any]:
+  dev = jax.devices()[0]
+  return {
+      "device": dev.device_kind,
+      "platform": dev.platform,
+      "num_devices": jax.device_count(),
+      "jax": jax.__version__,
+      "python": platform.python_version(),
+      "machine": platform.machine(),
+      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
+
+
+def write_results(name: str, results: dict[str, Any]) -> Path:
+  """Writes ``bench/results/<name>.json`` (``<name>_<platform>`` off CPU)."""
+  RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+  meta = metadata()
+  suffix = "" if meta["platform"] == "cpu" else f"_{meta['platform']}"
+  path = RESULTS_DIR / f"{name}{suffix}.json"
+  path.write_text(json.dumps({"meta": meta, **results}, indent=2, default=float) + "\n")
+  return path
+
+
+def print_table(rows: list[dict[str, Any]], title: str = "") -> None:
+  """Prints a list of dicts as an aligned text table."""
+  if title:
+    print(f"\n== {title}")
+  if not rows:
+    return
+  cols = list(rows[0])
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+  width = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
+  print("  ".join(c.ljust(width[c]) for c in cols))
+  for r in rows:
+    print("  ".join(fmt(r.get(c, "")).ljust(width[c]) for c in cols))

@@ -1,0 +1,402 @@
+"""Conformance suite: every public transformation against the transform contract.
+
+One parametrised check per line of the contract in DESIGN.md, run against every
+entry of ``REGISTRY``. A new public transform is not done until it is
+registered here and passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+import optimizers
+import regularizers
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A public transformation with a small configuration.
+
+  Attributes:
+    name: test id.
+    factory: called as ``factory(**kwargs)``.
+    kwargs: the configuration. Float values are injected (traced) by
+      ``optax.inject_hyperparams``; every other value is a static argument.
+    consumes_updates: False for transforms whose output does not depend on the
+      incoming updates (Sven reads ``residual_fn`` instead); the NaN check then
+      injects the NaN through the parameters.
+  """
+
+  name: str
+  factory: Callable[..., optax.GradientTransformation]
+  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  consumes_updates: bool = True
+
+  def make(self) -> optax.GradientTransformation:
+    return self.factory(**self.kwargs)
+
+  @property
+  def static_args(self) -> tuple[str, ...]:
+    return tuple(k for k, v in self.kwargs.items() if not isinstance(v, float))
+
+
+REGISTRY: list[Case] = [
+    # >>> clipping cases
+    # <<< clipping cases
+    # >>> spectral cases
+    # <<< spectral cases
+    # >>> subspace cases
+    # <<< subspace cases
+    # >>> sven cases
+    # <<< sven cases
+    # >>> sharpness cases
+    # <<< sharpness cases
+    # >>> saf cases
+    # <<< saf cases
+    # >>> surgery cases
+    # <<< surgery cases
+]
+
+
+# ---------------------------------------------------------------------------
+# Harness: a small params tree, per-sample residuals, a main and an aux loss.
+# ---------------------------------------------------------------------------
+
+
+import chex  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+NUM_SAMPLES = 6
+SHAPES = {"dense": {"kernel": (8, 12), "bias": (12,)}, "stack": (4, 8, 12), "head": (12, 4)}
+SPECS = {
+    "dense": {"kernel": P(None, "model"), "bias": P("model")},
+    "stack": P(None, "data", "model"),
+    "head": P("data", None),
+}
+IDS = [c.name for c in REGISTRY]
+
+
+def _leaf_shapes():
+  return jax.tree.flatten(SHAPES, is_leaf=lambda s: isinstance(s, tuple))
+
+
+def make_params(dtype=jnp.float32, seed: int = 0) -> dict:
+  """The harness params (NumPy-generated: no PRNG program to compile)."""
+  rng = np.random.default_rng(seed)
+  shapes, treedef = _leaf_shapes()
+  leaves = [rng.standard_normal(s) / np.sqrt(s[-1]) for s in shapes]
+  return treedef.unflatten([jnp.asarray(x, jnp.float32).astype(dtype) for x in leaves])
+
+
+_shapes, _treedef = _leaf_shapes()
+_rng = np.random.default_rng(1)
+COEFFICIENTS = _treedef.unflatten(
+    [np.asarray(_rng.standard_normal((NUM_SAMPLES, *s)), np.float32) for s in _shapes]
+)
+
+
+def residual_fn(params) -> jax.Array:
+  """Per-sample residuals r_i = sum_leaves <A_i, tanh(w)> - y_i, shape (6,)."""
+  coef = COEFFICIENTS
+  terms = jax.tree.map(
+      lambda a, w: jnp.sum(a * jnp.tanh(w.astype(jnp.float32))[None],
+                           axis=tuple(range(1, a.ndim))),
+      coef, params,
+  )
+  return sum(jax.tree.leaves(terms)) - jnp.linspace(-1.0, 1.0, NUM_SAMPLES)
+
+
+def loss_fn(params) -> jax.Array:
+  return 0.5 * jnp.mean(residual_fn(params) ** 2)
+
+
+def aux_loss_fn(params) -> jax.Array:
+  return sum(jnp.sum((w.astype(jnp.float32) - 0.3) ** 2) for w in jax.tree.leaves(params))
+
+
+grad_fn = jax.grad(loss_fn)
+
+
+def harness_extras(params) -> dict:
+  """Extra args every update receives (each transform takes what it needs)."""
+  return {
+      "grad_fn": grad_fn,
+      "residual_fn": residual_fn,
+      "aux_grads": jax.grad(aux_loss_fn)(params),
+  }
+
+
+def run_steps(tx, params, num_steps: int, state=None, grads_fn=grad_fn):
+  """``num_steps`` jitted updates from ``state`` (or init); returns (updates list, state)."""
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(grads_fn(params), state, params, **harness_extras(params))
+    return updates, state, optax.apply_updates(params, updates)
+
+  state = tx.init(params) if state is None else state
+  out = []
+  for _ in range(num_steps):
+    updates, state, params = step(params, state)
+    out.append(updates)
+  return out, state
+
+
+def assert_all_finite(tree) -> None:
+  for leaf in jax.tree.leaves(tree):
+    assert bool(jnp.all(jnp.isfinite(leaf))), "non-finite value in a finite-input result"
+
+
+def types(tree):
+  return jax.tree.map(jax.typeof, tree)
+
+
+cases = pytest.mark.parametrize("case", REGISTRY, ids=IDS)
+
+
+# ---------------------------------------------------------------------------
+# The contract, one check per line of DESIGN.md.
+# ---------------------------------------------------------------------------
+
+
+def test_registry_covers_public_transforms():
+  """Every public factory of both packages appears in the registry."""
+  registered = {c.factory for c in REGISTRY}
+  public = {
+      getattr(pkg, name)
+      for pkg in (optimizers, regularizers)
+      for name in dir(pkg)
+      if not name.startswith("_") and callable(getattr(pkg, name))
+  }
+  transforms = set()
+  for f in public:
+    if isinstance(f, type):
+      continue
+    try:
+      sig = __import__("inspect").signature(f)
+    except (TypeError, ValueError):
+      continue
+    ret = sig.return_annotation
+    if "GradientTransformation" in str(ret):
+      transforms.add(f)
+  missing = sorted(f.__name__ for f in transforms - registered)
+  assert not missing, f"public transforms not in the conformance registry: {missing}"
+
+
+@cases
+def test_ignores_unknown_extra_args(case):
+  tx = case.make()
+  params = make_params()
+  state = tx.init(params)
+  g = grad_fn(params)
+  u1, s1 = tx.update(g, state, params, **harness_extras(params))
+  u2, s2 = tx.update(g, state, params, **harness_extras(params), unknown_array=jnp.ones(3),
+                     unknown_flag="x")
+  chex.assert_trees_all_equal(u1, u2)
+  chex.assert_trees_all_equal(s1, s2)
+
+
+@cases
+def test_no_recompilation(case):
+  tx = case.make()
+  params = make_params()
+
+  @jax.jit
+  def step(params, state):
+    return tx.update(grad_fn(params), state, params, **harness_extras(params))
+
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  assert step._cache_size() == 1, "update recompiled: state type changed between steps"
+
+
+@cases
+def test_init_under_eval_shape(case):
+  tx = case.make()
+  params = make_params()
+  abstract = jax.eval_shape(tx.init, params)
+  concrete = tx.init(params)
+  assert jax.tree.structure(abstract) == jax.tree.structure(concrete)
+  for a, c in zip(jax.tree.leaves(abstract), jax.tree.leaves(concrete), strict=False):
+    assert (a.shape, a.dtype) == (c.shape, c.dtype)
+
+
+@cases
+def test_tree_map_params(case):
+  tx = case.make()
+  params = make_params()
+  state = tx.init(params)
+  mapped = optax.tree_map_params(tx, lambda p: jnp.zeros_like(p), state)
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)
+  # The sharding idiom: map param specs onto the state, replicate the rest.
+  specs = optax.tree_map_params(
+      tx, lambda _, spec: spec, state, SPECS, transform_non_params=lambda _: P(),
+      is_leaf=lambda x: isinstance(x, P),
+  )
+  assert jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, P)) is not None
+
+
+@cases
+def test_inject_hyperparams_identical(case):
+  params = make_params()
+  injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**case.kwargs)
+  plain_updates, _ = run_steps(case.make(), params, 3)
+  injected_updates, _ = run_steps(injected, params, 3)
+  for a, b in zip(plain_updates, injected_updates, strict=False):
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@cases
+def test_multisteps(case):
+  """MultiSteps(k=4) emits zeros for 3 micro-steps, then the update of the mean gradient."""
+  tx = case.make()
+  params = make_params()
+  grads = [jax.tree.map(lambda g, i=i: g * (1.0 + 0.25 * i), grad_fn(params)) for i in range(4)]
+  ms = optax.MultiSteps(tx, every_k_schedule=4)
+  state = ms.init(params)
+  step = jax.jit(lambda g, s: ms.update(g, s, params, **harness_extras(params)))
+  for i, g in enumerate(grads):
+    updates, state = step(g, state)
+    if i < 3:
+      for leaf in jax.tree.leaves(updates):
+        assert not bool(jnp.any(leaf != 0))
+  mean = jax.tree.map(lambda *g: sum(g) / 4.0, *grads)
+  direct, _ = tx.update(mean, tx.init(params), params, **harness_extras(params))
+  chex.assert_trees_all_close(updates, direct, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@cases
+def test_dtypes_kept(case, dtype):
+  tx = case.make()
+  params = make_params(dtype)
+  state0 = tx.init(params)
+  updates, state1 = run_steps(tx, params, 2, state=state0)
+  for u, p in zip(jax.tree.leaves(updates[-1]), jax.tree.leaves(params), strict=False):
+    assert u.dtype == p.dtype and u.shape == p.shape
+  assert types(state0) == types(state1)
+  assert_all_finite(updates[-1])
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+@cases
+def test_sharded_type_stability(case, axis_type):
+  """State types (shape, dtype and, with Explicit axes, sharding) survive a jitted update
+  on a 2x4 mesh of simulated CPU devices."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
+  tx = case.make()
+  with jax.set_mesh(mesh):
+    params = jax.tree.map(
+        lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), make_params(), SPECS
+    )
+    state = jax.jit(tx.init)(params)
+
+    @jax.jit
+    def step(params, state):
+      updates, state = tx.update(grad_fn(params), state, params, **harness_extras(params))
+      return optax.apply_updates(params, updates), state
+
+    new_params, new_state = step(params, state)
+    new_params, new_state = step(new_params, new_state)
+  assert types(state) == types(new_state)
+  assert types(params) == types(new_params)
+  if axis_type == AxisType.Explicit:  # with Auto axes XLA may re-choose the params' shardings
+    assert step._cache_size() == 1
+
+
+@cases
+def test_zero_gradients_finite(case):
+  tx = case.make()
+  params = make_params()
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(zeros, state, params, **harness_extras(params))
+    assert_all_finite(updates)
+    assert_all_finite(state)
+
+
+@cases
+def test_nan_gradient_stays_visible(case):
+  tx = case.make()
+  params = make_params()
+  state = tx.init(params)
+  g = grad_fn(params)
+  if case.consumes_updates:
+    g = {**g, "head": g["head"].at[0, 0].set(jnp.nan)}
+    extras = harness_extras(params)
+  else:
+    params = {**params, "head": params["head"].at[0, 0].set(jnp.nan)}
+    extras = harness_extras(params)
+  updates, _ = tx.update(g, state, params, **extras)
+  assert any(bool(jnp.any(~jnp.isfinite(u))) for u in jax.tree.leaves(updates)), (
+      "a NaN gradient was turned into finite updates; optax.apply_if_finite could not skip it"
+  )
+
+
+@cases
+def test_orbax_roundtrip_bit_identical(case, tmp_path):
+  import orbax.checkpoint as ocp
+
+  tx = case.make()
+  params = make_params()
+  _, state = run_steps(tx, params, 2)
+  path = tmp_path / "state"
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, state)
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  assert types(restored) == types(state)
+  expected, _ = run_steps(tx, params, 1, state=state)
+  got, _ = run_steps(tx, params, 1, state=restored)
+  chex.assert_trees_all_equal(expected, got)
+
+
+@cases
+def test_nnx_optimizer(case):
+  """``nnx.Optimizer(model, tx, wrt=nnx.Param)`` drives a small flax model; the extra
+  arguments reach the transform through ``Optimizer.update(model, grads, **extras)``."""
+  from flax import nnx
+
+  model = nnx.Sequential(
+      nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1))
+  )
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((NUM_SAMPLES, 4)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((NUM_SAMPLES, 3)), jnp.float32)
+  graphdef, _ = nnx.split(model, nnx.Param)
+
+  def residuals(p):
+    return jnp.mean((nnx.merge(graphdef, p)(x) - y) ** 2, axis=-1)
+
+  def loss(p):
+    return jnp.mean(residuals(p))
+
+  opt = nnx.Optimizer(model, case.make(), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, opt):
+    params = nnx.state(model, nnx.Param)
+    grads = jax.grad(loss)(params)
+    extras = {
+        "grad_fn": jax.grad(loss),
+        "residual_fn": residuals,
+        "aux_grads": jax.tree.map(lambda p: 0.1 * p, params),
+    }
+    opt.update(model, grads, **extras)
+    return loss(params)
+
+  losses = [float(train_step(model, opt)) for _ in range(3)]
+  assert all(np.isfinite(losses))
+  assert losses[-1] != losses[0], "the optimizer did not change the model"
