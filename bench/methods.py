@@ -1,0 +1,104 @@
+"""Every method of the toolkit as a ready-to-train configuration.
+
+Shared by the demo ablation (``bench/ablation.py``) and the pretraining script
+(``bench/pretrain.py``). A :class:`Method` turns a learning rate into an optax
+transformation and, for transforms that need extra keyword arguments, builds
+them from a :class:`Task` (the loss functions of one batch):
+
+* ``sam`` needs ``grad_fn`` (the gradient at the perturbed point),
+* ``sven`` needs ``residual_fn`` (per-example losses as residuals, the Sven
+  reference's default ``R = per-sample loss``),
+* ``bloop`` and its baselines need ``aux_grads``. The auxiliary loss used here
+  is an L2 penalty ``0.5 * sum ||W||^2`` over the weight matrices (Bloop's
+  ImageNet + L2 setting): cheap, always defined, and in conflict with the main
+  loss as weights grow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optimizers as opt
+import regularizers as reg
+
+Params = Any
+Batch = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Loss functions of one batch, as the extra arguments need them."""
+
+  loss: Callable[[Params, Batch], jax.Array]
+  per_example_loss: Callable[[Params, Batch], jax.Array]
+
+  def aux_loss(self, params: Params, batch: Batch) -> jax.Array:
+    del batch
+    return 0.5 * sum(jnp.sum(jnp.square(w.astype(jnp.float32)))
+                     for w in jax.tree.leaves(params) if w.ndim >= 2)
+
+
+ExtraArgsFn = Callable[[Task, Params, Batch], dict]
+
+
+def _grad_fn(task: Task, params: Params, batch: Batch) -> dict:
+  return {"grad_fn": lambda p: jax.grad(task.loss)(p, batch)}
+
+
+def _aux_grads(task: Task, params: Params, batch: Batch) -> dict:
+  return {"aux_grads": jax.grad(task.aux_loss)(params, batch)}
+
+
+def _residuals(task: Task, params: Params, batch: Batch) -> dict:
+  return {"residual_fn": lambda p: task.per_example_loss(p, batch)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  build: Callable[[Any], optax.GradientTransformation]  # learning rate (or schedule) -> tx
+  lr: float  # a good peak learning rate for the small byte-level LM
+  extra_args: ExtraArgsFn | None = None
+  note: str = ""
+
+
+# Ranks are chosen for the small demo model (d_model 64 .. 256): a quarter of d_model.
+def registry(rank: int = 16) -> dict[str, Method]:
+  """All methods by name (``rank`` for the low-rank ones)."""
+  wd = 0.01
+  methods = [
+      Method("adamw", lambda lr: optax.adamw(lr, weight_decay=wd), 3e-3),
+      Method("adamw+clip", lambda lr: optax.chain(
+          opt.clip_coordinatewise(0.05), optax.adamw(lr, weight_decay=wd)), 3e-3,
+             note="top 5% of coordinates clipped"),
+      Method("sgd", lambda lr: optax.sgd(lr, momentum=0.9), 0.3),
+      Method("sgd+clip", lambda lr: optax.chain(
+          opt.clip_coordinatewise(0.05), optax.sgd(lr, momentum=0.9)), 0.3,
+             note="top 5% of coordinates clipped"),
+      Method("spectra_adamw", lambda lr: opt.spectra_adamw(
+          lr, max_singular_value=5.0, weight_decay=wd), 3e-3),
+      Method("galore", lambda lr: optax.contrib.galore(
+          lr, rank=rank, update_proj_gap=50, weight_decay=wd), 3e-3,
+             note=f"optax.contrib.galore rank {rank}, SVD every 50 steps"),
+      Method("dct_adamw", lambda lr: opt.dct_adamw(lr, rank, weight_decay=wd), 3e-3,
+             note=f"rank {rank}"),
+      Method("online_subspace_descent", lambda lr: opt.online_subspace_descent(
+          lr, rank, weight_decay=wd), 3e-3, note=f"rank {rank}"),
+      Method("sam", lambda lr: optax.chain(reg.sam(0.05), optax.adamw(lr, weight_decay=wd)), 3e-3,
+             _grad_fn, "SAM rho 0.05 + AdamW"),
+      Method("bloop", lambda lr: optax.chain(reg.bloop(1e-3), optax.adamw(lr, weight_decay=wd)),
+             3e-3, _aux_grads, "aux: L2 on weight matrices, weight 1e-3"),
+      Method("pcgrad", lambda lr: optax.chain(reg.pcgrad(1e-3), optax.adamw(lr, weight_decay=wd)),
+             3e-3, _aux_grads, "aux: L2 on weight matrices, weight 1e-3"),
+      Method("perp_grad", lambda lr: optax.chain(reg.perp_grad(), optax.adam(lr)), 3e-3,
+             note="Adam on the gradient perpendicular to the weights"),
+      Method("sven", lambda lr: opt.sven(lr, rank=8), 0.05, _residuals,
+             note="rank 8, residuals = per-sequence loss"),
+  ]
+  return {m.name: m for m in methods}
