@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -24,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--quick", action="store_true", help="small shapes, seconds per family")
   p.add_argument("--only", default=",".join(FAMILIES), help="comma-separated families")
   a = p.parse_args(argv)
+  if a.quick:  # never overwrite the committed full-run results
+    os.environ.setdefault("BENCH_RESULTS_DIR", tempfile.mkdtemp(prefix="bench_quick_"))
   rows, failed = [], []
   for family in [f for f in a.only.split(",") if f]:
     t0 = time.perf_counter()

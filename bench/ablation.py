@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from bench import methods as methods_lib
-from bench.common import RESULTS_DIR, print_table, write_results
+from bench.common import print_table, results_dir, write_results
 from bench.lm import LMConfig, lm_loss, load_corpus, train
 
 DEFAULT_METHODS = (
@@ -119,10 +119,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     sven_rows = regression_comparison(quick=a.steps < 100)
     print_table(sven_rows, title="Sven beside it: 1-D regression (MLP 1-16-16-16-1)")
     results["sven_regression"] = sven_rows
-  RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-  plot_curves(rows, RESULTS_DIR / f"{a.name}.png")
+  out = results_dir()
+  out.mkdir(parents=True, exist_ok=True)
+  plot_curves(rows, out / f"{a.name}.png")
   path = write_results(a.name, results)
-  print(f"\nwrote {path} and {RESULTS_DIR / (a.name + '.png')}")
+  print(f"\nwrote {path} and {out / (a.name + '.png')}")
   return results
 
 

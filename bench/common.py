@@ -4,6 +4,7 @@ figures, and JSON output with device metadata under bench/results/."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -15,6 +16,12 @@ import jax
 import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_dir() -> Path:
+  """``bench/results``, or ``$BENCH_RESULTS_DIR`` (quick/smoke runs write there, so they
+  never overwrite the committed full-run figures)."""
+  return Path(os.environ.get("BENCH_RESULTS_DIR", RESULTS_DIR))
 
 
 def block(tree: Any) -> Any:
@@ -74,11 +81,12 @@ def metadata() -> dict[str, Any]:
 
 
 def write_results(name: str, results: dict[str, Any]) -> Path:
-  """Writes ``bench/results/<name>.json`` (``<name>_<platform>`` off CPU)."""
-  RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+  """Writes ``<results_dir()>/<name>.json`` (``<name>_<platform>`` off CPU)."""
+  out_dir = results_dir()
+  out_dir.mkdir(parents=True, exist_ok=True)
   meta = metadata()
   suffix = "" if meta["platform"] == "cpu" else f"_{meta['platform']}"
-  path = RESULTS_DIR / f"{name}{suffix}.json"
+  path = out_dir / f"{name}{suffix}.json"
   path.write_text(json.dumps({"meta": meta, **results}, indent=2, default=float) + "\n")
   return path
 

@@ -1,0 +1,29 @@
+"""Executes every ablation notebook with FAST=1 (small budgets, same code paths)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_notebooks_exist():
+  names = {p.stem for p in NOTEBOOKS}
+  expected = {"sharpness", "spectral_clipping", "low_rank", "sven", "gradient_surgery"}
+  assert expected <= names, f"missing notebooks: {sorted(expected - names)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(path, monkeypatch, tmp_path):
+  import nbformat
+  from nbclient import NotebookClient
+
+  monkeypatch.setenv("FAST", "1")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.setenv("BENCH_RESULTS_DIR", str(tmp_path))
+  # One CPU device per notebook kernel; the 8-device flag is for the sharding tests.
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("NOTEBOOK_XLA_FLAGS", ""))
+  nb = nbformat.read(path, as_version=4)
+  NotebookClient(nb, timeout=900, kernel_name="python3",
+                 resources={"metadata": {"path": str(path.parent)}}).execute()
