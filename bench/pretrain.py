@@ -14,11 +14,10 @@ Runs on whatever devices exist (TPU, GPU, or CPU with
   compiler propagates shardings; the optimizers themselves also run under
   Explicit axes, see tests/conformance.py). Weight matrices
   are sharded FSDP-style, rows over ``data`` and columns over ``model`` (where
-  divisible); the batch over ``data``. Optimizer state takes the sharding of
-  the parameter it mirrors (``optax.tree_map_params``); state that is not
-  parameter-shaped (projectors, indices, scalars) is replicated, except the
-  subspace optimizers' state, whose specs come from
-  ``optimizers.subspace_partition_specs``.
+  divisible); the batch over ``data``. Optimizer-state specs come from
+  ``optimizers.subspace_partition_specs`` (parameter-shaped state takes its
+  parameter's spec; projectors, indices and rank-space moments get the specs
+  documented there; scalars are replicated).
 * The jitted step donates params and state. Every batch is a function of
   ``(seed, step)`` alone, so a run resumed from a checkpoint sees the same data
   and reproduces the uninterrupted loss trajectory bit for bit.
@@ -132,20 +131,22 @@ def param_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
 
 
 def state_specs(
-    tx: optax.GradientTransformation, opt_state: Any, params_specs: Any, mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation, params: Any, params_specs: Any, mesh: jax.sharding.Mesh
 ) -> Any:
-  """PartitionSpecs of the optimizer state from the params' specs."""
-  import optimizers
+  """PartitionSpecs of the optimizer state from the params' specs.
 
-  specs = optax.tree_map_params(
-      tx, lambda _, spec: spec, opt_state, params_specs,
-      transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
-  )
-  if hasattr(optimizers, "subspace_partition_specs"):
-    specs = optimizers.subspace_partition_specs(opt_state, params_specs, specs)
-  # A spec that does not fit a leaf (a projector mapped like its parameter) falls back to P().
+  ``optimizers.subspace_partition_specs`` traces ``tx.init`` on params carrying
+  their specs, so parameter-shaped state inherits the parameter's spec and the
+  subspace state (projectors, indices, rank-space moments) gets the specs that
+  module documents. A spec that does not divide a leaf on this mesh falls back
+  to replication.
+  """
+  from optimizers import subspace_partition_specs
+
+  specs = subspace_partition_specs(tx, params, params_specs)
+  abstract = jax.eval_shape(tx.init, params)
   return jax.tree.map(
-      lambda x, s: s if _fits(x.shape, s, mesh) else P(), opt_state, specs,
+      lambda x, s: s if _fits(x.shape, s, mesh) else P(), abstract, specs,
       is_leaf=lambda x: isinstance(x, P),
   )
 
@@ -209,8 +210,7 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   p_specs = jax.tree.map(lambda x: param_spec(x.shape, mesh), params)
   p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), p_specs)
   params = jax.device_put(params, p_shard)
-  abstract_state = jax.eval_shape(tx.init, params)
-  s_specs = state_specs(tx, abstract_state, p_specs, mesh)
+  s_specs = state_specs(tx, params, p_specs, mesh)
   s_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), s_specs, is_leaf=lambda x: isinstance(x, P))
   opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
   batch_shard = NamedSharding(mesh, P("data", None))
