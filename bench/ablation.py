@@ -47,7 +47,8 @@ def run_lm_method(method: methods_lib.Method, cfg: LMConfig, steps: int, batch_s
   if method.extra_args is not None:
     extra = lambda graphdef, params, tokens: method.extra_args(_lm_task(graphdef), params, tokens)
   result = train(method.build(schedule), cfg=cfg, steps=steps, batch_size=batch_size, seed=seed,
-                 data=data, extra_args=extra, progress=True, desc=method.name)
+                 data=data, extra_args=extra, progress=True, desc=method.name,
+                 teacher=method.teacher() if method.teacher else None)
   return {
       "method": method.name,
       "final_train_loss": result.final_train_loss,

@@ -140,6 +140,7 @@ def train(
     val_batches: int = 8,
     progress: bool = False,
     desc: str = "",
+    teacher: Any | None = None,
 ) -> TrainResult:
   """Trains a fresh model with ``tx`` and returns its curve and costs.
 
@@ -155,20 +156,34 @@ def train(
     val_batches: batches of the validation split averaged at the end.
     progress: show a tqdm bar.
     desc: its label.
+    teacher: a :func:`regularizers.mesa` object: its KL to the EMA teacher's
+      logits is added to the loss, and the teacher is updated after each step.
   """
   from bench.common import tree_bytes
 
   train_data, val_data = load_corpus() if data is None else data
   graphdef, params = build(cfg, seed)
   opt_state = tx.init(params)
+  teacher_state = None if teacher is None else teacher.init(params)
   loss = lambda p, tokens: lm_loss(graphdef, p, tokens)
 
+  def train_loss(p, tokens, teacher_state):
+    if teacher is None:
+      return loss(p, tokens)
+    logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+    teacher_logits = jax.lax.stop_gradient(nnx.merge(graphdef, teacher_state.teacher)(tokens[:, :-1]))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return ce + teacher.loss(logits, teacher_logits)
+
   @jax.jit
-  def step(params, opt_state, tokens):
-    value, grads = jax.value_and_grad(loss)(params, tokens)
+  def step(params, opt_state, teacher_state, tokens):
+    value, grads = jax.value_and_grad(train_loss)(params, tokens, teacher_state)
     extras = {} if extra_args is None else extra_args(graphdef, params, tokens)
     updates, opt_state = tx.update(grads, opt_state, params, **extras)
-    return optax.apply_updates(params, updates), opt_state, value
+    params = optax.apply_updates(params, updates)
+    if teacher is not None:
+      teacher_state = teacher.update_teacher(teacher_state, params)
+    return params, opt_state, teacher_state, value
 
   rng = np.random.default_rng(seed)
   losses, times = [], []
@@ -180,7 +195,7 @@ def train(
   for _ in iterator:
     tokens = sample_batch(train_data, batch_size, cfg.seq_len, rng)
     t0 = time.perf_counter()
-    params, opt_state, value = step(params, opt_state, tokens)
+    params, opt_state, teacher_state, value = step(params, opt_state, teacher_state, tokens)
     value = float(value)
     times.append(time.perf_counter() - t0)
     losses.append(value)
@@ -192,6 +207,6 @@ def train(
       train_losses=losses,
       val_loss=val,
       step_time=statistics.median(times[1:]) if len(times) > 1 else times[0],
-      state_bytes=tree_bytes(opt_state),
+      state_bytes=tree_bytes((opt_state, teacher_state)),
       params=params,
   )

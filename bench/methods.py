@@ -8,6 +8,9 @@ them from a :class:`Task` (the loss functions of one batch):
 * ``sam`` needs ``grad_fn`` (the gradient at the perturbed point),
 * ``sven`` needs ``residual_fn`` (per-example losses as residuals, the Sven
   reference's default ``R = per-sample loss``),
+* ``mesa`` is loss-side: its ``teacher`` (a :func:`regularizers.mesa`) adds a
+  KL term to the teacher's logits to the loss and tracks the EMA teacher after
+  each step; the training loops (``bench/lm.py``, ``bench/pretrain.py``) do both,
 * ``bloop`` and its baselines need ``aux_grads``. The auxiliary loss used here
   is an L2 penalty ``0.5 * sum ||W||^2`` over the weight matrices (Bloop's
   ImageNet + L2 setting): cheap, always defined, and in conflict with the main
@@ -66,6 +69,14 @@ class Method:
   lr: float  # a good peak learning rate for the small byte-level LM
   extra_args: ExtraArgsFn | None = None
   note: str = ""
+  teacher: Callable[[], reg.MESA] | None = None  # loss-side EMA teacher (MESA)
+
+
+def schedule_peak(learning_rate: Any, horizon: int = 1_000_000) -> float:
+  """The largest value of a schedule over its first ``horizon`` steps (a float as is)."""
+  if not callable(learning_rate):
+    return float(learning_rate)
+  return float(jnp.max(learning_rate(jnp.arange(0, horizon, max(horizon // 10_000, 1)))))
 
 
 # Ranks are chosen for the small demo model (d_model 64 .. 256): a quarter of d_model.
@@ -89,9 +100,13 @@ def registry(rank: int = 16) -> dict[str, Method]:
       Method("dct_adamw", lambda lr: opt.dct_adamw(lr, rank, weight_decay=wd), 3e-3,
              note=f"rank {rank}"),
       Method("online_subspace_descent", lambda lr: opt.online_subspace_descent(
-          lr, rank, weight_decay=wd), 3e-3, note=f"rank {rank}"),
+          lr, rank, weight_decay=wd, schedule_reference=schedule_peak(lr)), 3e-3,
+             note=f"rank {rank}, projector lr follows lr_t / lr_peak"),
       Method("sam", lambda lr: optax.chain(reg.sam(0.05), optax.adamw(lr, weight_decay=wd)), 3e-3,
              _grad_fn, "SAM rho 0.05 + AdamW"),
+      Method("mesa", lambda lr: optax.adamw(lr, weight_decay=wd), 3e-3,
+             note="MESA decay 0.99, weight 0.8, tau 5 + AdamW",
+             teacher=lambda: reg.mesa(0.99, temperature=5.0, weight=0.8)),
       Method("bloop", lambda lr: optax.chain(reg.bloop(1e-3), optax.adamw(lr, weight_decay=wd)),
              3e-3, _aux_grads, "aux: L2 on weight matrices, weight 1e-3"),
       Method("pcgrad", lambda lr: optax.chain(reg.pcgrad(1e-3), optax.adamw(lr, weight_decay=wd)),

@@ -214,6 +214,12 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   s_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), s_specs, is_leaf=lambda x: isinstance(x, P))
   opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
   batch_shard = NamedSharding(mesh, P("data", None))
+  # Loss-side EMA teacher (MESA), sharded like the parameters; an empty tuple otherwise.
+  teacher = method.teacher() if method.teacher else None
+  t_shard = () if teacher is None else jax.tree.map(
+      lambda s: NamedSharding(mesh, s), teacher.partition_specs(p_specs),
+      is_leaf=lambda x: isinstance(x, P))
+  teacher_state = () if teacher is None else jax.jit(teacher.init, out_shardings=t_shard)(params)
 
   def model_logits(p, tokens):
     st = nnx.clone(state)
@@ -228,17 +234,28 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   task = methods_lib.Task(loss=lambda p, b: per_example_loss(p, b).mean(),
                           per_example_loss=per_example_loss)
 
-  def train_step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(task.loss)(params, tokens)
+  def train_loss(p, tokens, teacher_state):
+    if teacher is None:
+      return task.loss(p, tokens)
+    logits = model_logits(p, tokens[:, :-1])
+    teacher_logits = jax.lax.stop_gradient(model_logits(teacher_state.teacher, tokens[:, :-1]))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return ce + teacher.loss(logits, teacher_logits)
+
+  def train_step(params, opt_state, teacher_state, tokens):
+    loss, grads = jax.value_and_grad(train_loss)(params, tokens, teacher_state)
     extras = method.extra_args(task, params, tokens) if method.extra_args else {}
     updates, opt_state = tx.update(grads, opt_state, params, **extras)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+    params = optax.apply_updates(params, updates)
+    if teacher is not None:
+      teacher_state = teacher.update_teacher(teacher_state, params)
+    return params, opt_state, teacher_state, loss, optax.global_norm(grads)
 
   step_fn = jax.jit(
       train_step,
-      in_shardings=(p_shard, s_shard, batch_shard),
-      out_shardings=(p_shard, s_shard, None, None),
-      donate_argnums=(0, 1),
+      in_shardings=(p_shard, s_shard, t_shard, batch_shard),
+      out_shardings=(p_shard, s_shard, t_shard, None, None),
+      donate_argnums=(0, 1, 2),
   )
 
   manager, start = None, 0
@@ -256,9 +273,13 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
                                  params, p_shard),
           "opt_state": jax.tree.map(
               lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_state, s_shard),
+          "teacher": jax.tree.map(
+              lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), teacher_state,
+              t_shard),
       }
       restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
-      params, opt_state, start = restored["params"], restored["opt_state"], latest
+      params, opt_state = restored["params"], restored["opt_state"]
+      teacher_state, start = restored["teacher"], latest
 
   metrics_file = open(cfg.metrics, "a") if cfg.metrics else None  # noqa: SIM115
   history = []
@@ -272,7 +293,8 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
       tokens = jax.device_put(
           batch_for_step(train_data, cfg.seed, step, cfg.batch_size, cfg.model.seq_len), batch_shard)
       t0 = time.perf_counter()
-      params, opt_state, loss, gnorm = step_fn(params, opt_state, tokens)
+      params, opt_state, teacher_state, loss, gnorm = step_fn(params, opt_state, teacher_state,
+                                                              tokens)
       loss = float(loss)
       record = {"step": step, "loss": loss, "grad_norm": float(gnorm),
                 "lr": float(schedule(step)), "step_time": time.perf_counter() - t0}
@@ -282,7 +304,8 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
       if manager is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
         import orbax.checkpoint as ocp
 
-        manager.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+        manager.save(step + 1, args=ocp.args.StandardSave(
+            {"params": params, "opt_state": opt_state, "teacher": teacher_state}))
   finally:
     if manager is not None:
       manager.wait_until_finished()

@@ -12,28 +12,58 @@ the singular vectors:
 * :func:`soft_spectral_clip`: ``s -> s / sqrt(1 + s^2 / c^2)``.
 * :func:`hard_spectral_clip`: ``s -> min(s, c)``.
 
-Both clips are written as ``X -> c B^{-1/2} X`` on the small Gram side
-(``X`` oriented wide, ``m <= n``) with a symmetric positive definite ``B`` whose
-spectrum lies in a known interval ``[lower, upper]``:
+Both clips work on the small Gram side (``X`` oriented wide, ``m <= n``,
+``A = X X^T`` with eigenvalues ``s^2``) and apply an ``m x m`` matrix function
+of ``A`` to ``X``:
 
-* soft: ``B = c^2 I + X X^T``, spectrum in ``[c^2, c^2 + s_max^2]``;
-* hard: ``B = max(X X^T, c^2 I)`` (eigenvalue-wise), built from a Newton–Schulz
-  matrix sign: ``max(A, t) = (A + t I + (A - t I) sign(A - t I)) / 2``.
+* soft: ``K X`` with ``K = c (c^2 I + A)^{-1/2}``;
+* hard: ``sqrt(2) K (I + |M|)^{-1/2} X`` with the Cayley-type matrix
+  ``M = I - 2 c^2 (c^2 I + A)^{-1} = I - 2 K^2``, whose eigenvalues
+  ``mu = (s^2 - c^2) / (s^2 + c^2)`` lie in ``[-1, 1)``. Per singular value
+  this is ``sqrt(1 - mu) / sqrt(1 + |mu|)``, which is ``1`` for ``s <= c`` and
+  ``c / s`` for ``s >= c``, i.e. ``s -> min(s, c)``. ``|M| = M sign(M)`` comes
+  from a Newton–Schulz matrix sign (:func:`symmetric_sign`); since ``mu`` is
+  the *relative* gap of ``s^2`` to ``c^2``, the sign resolves singular values
+  near ``c`` equally well whatever the largest singular value is (a sign of
+  ``A - c^2 I`` scaled by ``s_max^2`` would not), and an unresolved sign only
+  costs ``|mu| (1 - |sign|) / 2`` relative error, i.e. nothing where
+  ``s ~ c``. ``(I + |M|)^{-1/2}`` has its spectrum in ``[1, 2]`` (4 steps).
 
-``B^{-1/2}`` comes from a *scaled* coupled Newton–Schulz iteration
+Inverse square roots come from a *scaled* coupled Newton–Schulz iteration
 (:func:`inverse_sqrt_apply`). The unscaled iteration of the SPECTRA reference
 multiplies a small eigenvalue by only 9/4 per step, so with one singular value
 at ``100 c`` the bulk is still far from converged after 10 steps and comes out
-over-shrunk. Scaling each step by ``mu = 3 / (u + sqrt(u l) + l)``, the value
-that balances the iteration map over the current eigenvalue interval
-``[l, u]``, multiplies small eigenvalues by up to ~6.75 per step: condition
-number ``1e4`` converges to float32 accuracy in about 9 steps.
+over-shrunk (0.49c instead of 0.71c). Scaling each step by
+``mu = 3 / (u + sqrt(u l) + l)``, the value that balances the iteration map
+over the current eigenvalue interval ``[l, u]``, multiplies small eigenvalues
+by up to ~6.75 per step: condition number ``1e4`` converges to float32
+accuracy in 9 steps. The top-eigenvalue bound that starts the iteration is
+``min(Gershgorin, (tr A^4)^{1/4})``, where ``A^2`` is needed by the first step
+anyway (the first step with ``Z_0 = I`` costs no extra product).
+
+Accuracy. The Gram matrix squares the condition number: in float32 the
+singular values come out with a relative error of about
+``1e-7 * (s_max / c)^2`` (the SVD's is ``1e-7 * s_max / s``), i.e. 1e-5 for a
+spike at ``10 c``, 1e-3 at ``100 c`` in the worst direction. Inputs are
+normalised by ``max(c, ||X||_F)`` (an overflow-safe Frobenius norm), so any
+finite input gives a finite output, and zero gives zero.
+
+Sharding. Under ``AxisType.Explicit`` mesh axes the ``m x m`` work runs with
+the matrix axes unsharded (the Gram product all-reduces over a sharded ``n``),
+``X`` keeps the sharding of its long side, and the result gets the input's
+sharding back. With ``Auto`` axes XLA chooses.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "NS_COEFFS",
@@ -45,6 +75,8 @@ __all__ = [
     "orthogonalize",
     "soft_spectral_clip",
     "hard_spectral_clip",
+    "frobenius_norm",
+    "spectral_clip_matmuls",
 ]
 
 # Quintic Newton–Schulz presets: p(x) = a x + b x^3 + c x^5 on singular values.
@@ -55,6 +87,16 @@ NS_COEFFS = {
     # Convergent quintic (second-order Newton–Schulz): p(1) = 1, p'(1) = p''(1) = 0.
     "quintic": (15 / 8, -10 / 8, 3 / 8),
 }
+
+# Defaults, chosen with the evidence in bench/bench_spectral.py and tests/test_linalg.py:
+# 10 scaled steps converge for a condition number (t + top bound) / t up to ~1e5, beyond
+# which the float32 Gram rounding (error ~1e-7 * (s_max / c)^2) dominates anyway.
+SOFT_NS_STEPS = 10
+# (fast, polish) steps of the sign of M: |mu| is resolved to ~3e-6 absolute.
+SIGN_STEPS = (8, 4)
+# (I + |M|)^{-1/2}: spectrum in [1, 2] (bounded by 2.5), converged in 4 steps.
+_ABS_STEPS = 4
+_ABS_UPPER = 2.5
 
 
 def _compute_dtype(x: jax.Array) -> jnp.dtype:
@@ -69,6 +111,38 @@ def _eye_like(a: jax.Array) -> jax.Array:
   return jnp.eye(a.shape[-1], dtype=a.dtype)
 
 
+def _sym(a: jax.Array) -> jax.Array:
+  return 0.5 * (a + _mT(a))
+
+
+# ---------------------------------------------------------------------------
+# Explicit-sharding plumbing (a no-op without an Explicit mesh axis).
+# ---------------------------------------------------------------------------
+
+
+def _explicit_spec(x: jax.Array) -> tuple | None:
+  """The padded PartitionSpec of ``x`` under an Explicit mesh, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
+    return None
+  spec = tuple(getattr(jax.typeof(x).sharding, "spec", None) or ())
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _reshard(x: jax.Array, spec: tuple | None) -> jax.Array:
+  if spec is None or _explicit_spec(x) in (None, spec):
+    return x
+  return jax.sharding.reshard(x, P(*spec))
+
+
+def _rows_unsharded(w: jax.Array) -> jax.Array:
+  """``w`` with its row axis unsharded (Explicit meshes only), columns kept."""
+  spec = _explicit_spec(w)
+  if spec is None or spec[-2] is None:
+    return w
+  return jax.sharding.reshard(w, P(*spec[:-2], None, spec[-1]))
+
+
 def orient_wide(x: jax.Array) -> tuple[jax.Array, bool]:
   """Returns ``(x or x^T, transposed)`` with rows <= cols (a static choice)."""
   if x.shape[-2] > x.shape[-1]:
@@ -77,19 +151,86 @@ def orient_wide(x: jax.Array) -> tuple[jax.Array, bool]:
 
 
 def gram(x: jax.Array) -> jax.Array:
-  """``x @ x^T`` over the last two axes."""
-  return x @ _mT(x)
+  """``x @ x^T`` over the last two axes.
+
+  Under an Explicit mesh with the contracted (column) axis sharded, the product
+  is all-reduced into ``x``'s batch and row sharding.
+  """
+  spec = _explicit_spec(x)
+  if spec is None or spec[-1] is None:
+    return x @ _mT(x)
+  return jnp.matmul(x, _mT(x), out_sharding=P(*spec[:-2], spec[-2], None))
 
 
-def psd_top_eigenvalue_bound(a: jax.Array) -> jax.Array:
+def frobenius_norm(x: jax.Array) -> jax.Array:
+  """Overflow- and underflow-safe ``||x||_F`` over the last two axes, shape ``(..., 1, 1)``.
+
+  Computed as ``max|x| * ||x / max|x|||_F``; NaN/Inf inputs give NaN/Inf.
+  """
+  amax = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+  safe = jnp.where(amax > 0, amax, jnp.ones_like(amax))
+  y = x / safe
+  return amax * jnp.sqrt(jnp.sum(y * y, axis=(-2, -1), keepdims=True))
+
+
+def _gershgorin(a: jax.Array) -> jax.Array:
+  return jnp.max(jnp.sum(jnp.abs(a), axis=-1, keepdims=True), axis=-2, keepdims=True)
+
+
+def _fro(a: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(a * a, axis=(-2, -1), keepdims=True))
+
+
+def psd_top_eigenvalue_bound(a: jax.Array, a_squared: jax.Array | None = None) -> jax.Array:
   """Guaranteed upper bound of the top eigenvalue of symmetric PSD ``a``.
 
-  ``min(||a||_F, max_i sum_j |a_ij|)`` (Frobenius and Gershgorin bounds), shape
-  ``a.shape[:-2] + (1, 1)``.
+  ``min(||a||_F, max_i sum_j |a_ij|)`` (Frobenius and Gershgorin bounds); with
+  ``a_squared = a @ a`` also ``(tr a^4)^{1/4} = ||a^2||_F^{1/2}``, which
+  over-estimates by at most ``m^{1/4}`` (the Frobenius bound by ``m^{1/2}``).
+  Shape ``a.shape[:-2] + (1, 1)``.
   """
-  fro = jnp.sqrt(jnp.sum(a * a, axis=(-2, -1), keepdims=True))
-  rows = jnp.max(jnp.sum(jnp.abs(a), axis=-1, keepdims=True), axis=-2, keepdims=True)
-  return jnp.minimum(fro, rows)
+  bound = jnp.minimum(_fro(a), _gershgorin(a))
+  if a_squared is not None:
+    bound = jnp.minimum(bound, jnp.sqrt(_fro(a_squared)))
+  return bound
+
+
+def _next_lower(mlo: jax.Array) -> jax.Array:
+  return jnp.minimum(mlo * (3.0 - mlo) ** 2 / 4.0, 1.0)
+
+
+def _inverse_sqrt(
+    b: jax.Array, lower: jax.Array, upper: jax.Array, steps: int,
+    b_squared: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """``(z, scale)`` with ``b^{-1/2} ~= scale * z`` (see :func:`inverse_sqrt_apply`).
+
+  Step 1 (``Z_0 = I``) needs only ``b^2`` (given, or one product) and the last
+  step skips the update of ``Y``: ``3 steps - 3`` products in all with
+  ``b_squared``, ``3 steps - 2`` without.
+  """
+  if not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"ns_steps must be a Python int >= 1, got {steps!r}")
+  upper = jnp.maximum(upper, jnp.finfo(b.dtype).tiny)
+  eye = _eye_like(b)
+  lo = jnp.clip(lower / upper, 0.0, 1.0)
+  mu = 3.0 / (1.0 + jnp.sqrt(lo) + lo)
+  y = (mu / upper) * b
+  y2 = (mu / upper) ** 2 * b_squared if b_squared is not None else y @ y
+  z = 1.5 * eye - 0.5 * y
+  y = 1.5 * y - 0.5 * y2
+  log_beta = jnp.log(mu) - jnp.log(upper)
+  lo = _next_lower(mu * lo)
+  for k in range(1, steps):
+    mu = 3.0 / (1.0 + jnp.sqrt(lo) + lo)
+    y = mu * y
+    t = 0.5 * (3.0 * eye - z @ y)
+    if k < steps - 1:
+      y = y @ t
+    z = t @ z
+    log_beta = log_beta + jnp.log(mu)
+    lo = _next_lower(mu * lo)
+  return z, jnp.exp(0.5 * log_beta)
 
 
 def inverse_sqrt_apply(
@@ -105,6 +246,8 @@ def inverse_sqrt_apply(
   ``f(y) = y (3 - y)^2 / 4``; with ``y`` in ``[l, u]`` the step size
   ``mu = 3 / (u + sqrt(u l) + l)`` makes ``f(mu l) = f(mu u)``, the largest
   guaranteed progress for the smallest eigenvalue, and keeps ``mu u < 3``.
+  Steps needed for float32 accuracy: 4 for ``upper / lower = 2``, 6 for
+  ``1e2``, 9 for ``1e4``, 11 for ``1e6``.
 
   Args:
     b: symmetric positive definite, shape ``(..., m, m)``.
@@ -113,30 +256,25 @@ def inverse_sqrt_apply(
       ``(..., 1, 1)``. An over-estimate only slows convergence.
     upper: GUARANTEED upper bound of ``b``'s top eigenvalue (an under-estimate
       can diverge), broadcastable to ``(..., 1, 1)``.
-    steps: number of iterations (static).
+    steps: number of iterations (static, >= 1).
 
   Returns:
     ``b^{-1/2} x``, shape of ``x``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optimizers.linalg import inverse_sqrt_apply
+    >>> b = jnp.diag(jnp.array([1.0, 4.0]))
+    >>> inverse_sqrt_apply(b, jnp.eye(2), 1.0, 4.0, steps=6).round(4).tolist()
+    [[1.0, 0.0], [0.0, 0.5]]
   """
-  upper = jnp.maximum(upper, jnp.finfo(b.dtype).tiny)
-  y = b / upper
-  z = jnp.broadcast_to(_eye_like(b), b.shape)
-  lo = jnp.clip(lower / upper, 0.0, 1.0)
-  log_beta = -jnp.log(upper)
-  eye3 = 3.0 * _eye_like(b)
-  for _ in range(steps):
-    mu = 3.0 / (1.0 + jnp.sqrt(lo) + lo)
-    y = mu * y
-    t = 0.5 * (eye3 - z @ y)
-    y = y @ t
-    z = t @ z
-    log_beta = log_beta + jnp.log(mu)
-    mlo = mu * lo
-    lo = jnp.minimum(mlo * (3.0 - mlo) ** 2 / 4.0, 1.0)
-  return jnp.exp(0.5 * log_beta) * (z @ x)
+  z, scale = _inverse_sqrt(b, lower, upper, steps)
+  return scale * (z @ x)
 
 
-def symmetric_sign(d: jax.Array, scale: jax.Array, *, fast_steps: int, polish_steps: int) -> jax.Array:
+def symmetric_sign(
+    d: jax.Array, scale: jax.Array | float, *, fast_steps: int, polish_steps: int
+) -> jax.Array:
   """Matrix sign of symmetric ``d`` (eigenvalues mapped to their sign).
 
   ``d / scale`` (``scale`` >= spectral norm of ``d``) goes through
@@ -144,6 +282,14 @@ def symmetric_sign(d: jax.Array, scale: jax.Array, *, fast_steps: int, polish_st
   up fast) and ``polish_steps`` of the cubic ``x (3 - x^2) / 2``, which
   converges quadratically to 1 and never leaves ``[-1, 1]``. Eigenvalues with
   ``|d| / scale`` below ~``3.44^-fast_steps`` stay unresolved (near 0).
+  Costs ``3 fast_steps + 2 polish_steps`` matrix products.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optimizers.linalg import symmetric_sign
+    >>> d = jnp.diag(jnp.array([0.5, -0.01]))
+    >>> symmetric_sign(d, 1.0, fast_steps=6, polish_steps=4).round(4).tolist()
+    [[1.0, 0.0], [0.0, -1.0]]
   """
   s = d / jnp.maximum(scale, jnp.finfo(d.dtype).tiny)
   a, b, c = NS_COEFFS["muon"]
@@ -165,7 +311,8 @@ def orthogonalize(
   ``X <- a X + b (X X^T) X + c (X X^T)^2 X`` on the wide orientation. With the
   default Muon coefficients the singular values land in roughly ``[0.7, 1.1]``
   (a fast approximate orthogonalisation, not a converged one); use
-  ``coeffs="quintic"`` and more steps for a converged polar factor.
+  ``coeffs="quintic"`` and more steps for a converged polar factor. This is
+  the ``c -> 0`` limit direction of the spectral clips (up to the scale ``c``).
 
   Args:
     x: array of shape ``(..., m, n)``.
@@ -176,47 +323,90 @@ def orthogonalize(
   Returns:
     Array of the shape and dtype of ``x``.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from optimizers import orthogonalize
+    >>> x = jax.random.normal(jax.random.key(0), (4, 8))
+    >>> s = jnp.linalg.svd(orthogonalize(x, ns_steps=12, coeffs="quintic"), compute_uv=False)
+    >>> bool(jnp.allclose(s, 1.0, atol=1e-3))
+    True
+
   References:
     Jordan et al., Muon (2024), https://kellerjordan.github.io/posts/muon/
   """
   a, b, c = NS_COEFFS[coeffs] if isinstance(coeffs, str) else coeffs
+  spec = _explicit_spec(x)
   w, transposed = orient_wide(x.astype(_compute_dtype(x)))
-  w = w / (jnp.sqrt(jnp.sum(w * w, axis=(-2, -1), keepdims=True)) + eps)
+  w = _rows_unsharded(w)
+  w = w / (frobenius_norm(w) + eps)
   for _ in range(ns_steps):
     g = gram(w)
     w = a * w + (b * g + c * (g @ g)) @ w
-  return (_mT(w) if transposed else w).astype(x.dtype)
+  out = _mT(w) if transposed else w
+  return _reshard(out.astype(x.dtype), spec)
 
 
-def _normalised_gram(x: jax.Array, c: jax.Array):
-  """Common set-up of both clips on the wide, float32 view of ``x``.
-
-  Returns ``(w, g, t, ratio)`` with ``gamma = max(c, ||x||_F)``, ``w = x``,
-  ``g = (x / gamma)(x / gamma)^T`` (top eigenvalue <= 1) and
-  ``t = (c / gamma)^2``; ``ratio = c / gamma``. Normalising by ``gamma`` keeps
-  ``c^2`` and ``s^2`` from overflowing for any finite input.
-  """
-  fro = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
-  gamma = jnp.maximum(c, fro)
-  xs = x / gamma
-  ratio = c / gamma
-  return gram(xs), ratio * ratio, ratio
-
-
-def _check_threshold(c) -> None:
-  if isinstance(c, (int, float)) and not c > 0:
+def _check_threshold(c: Any) -> None:
+  """ValueError unless ``c > 0`` (skipped for traced values)."""
+  if isinstance(c, jax.core.Tracer):
+    return
+  if not np.all(np.asarray(c, dtype=np.float64) > 0):
     raise ValueError(f"max_singular_value c must be > 0, got {c}")
 
 
-def soft_spectral_clip(x: jax.Array, c: float | jax.Array, *, ns_steps: int = 12) -> jax.Array:
+def _clip_setup(x: jax.Array, c: Any):
+  """Common set-up of both clips on the wide, float32 (or wider) view of ``x``.
+
+  With ``gamma = max(c, ||x||_F)``, ``g = (x / gamma)(x / gamma)^T`` has its
+  top eigenvalue <= 1, ``t = (c / gamma)^2`` and ``B = g + t I =
+  (c^2 I + x x^T) / gamma^2``, so ``K = c (c^2 I + x x^T)^{-1/2} =
+  (c / gamma) B^{-1/2}``. Normalising by ``gamma`` keeps ``c^2`` and ``s^2``
+  from overflowing for any finite input. Returns ``(w, spec, transposed,
+  ratio, t)`` with ``ratio = c / gamma``.
+  """
+  _check_threshold(c)
+  spec = _explicit_spec(x)
+  w, transposed = orient_wide(x.astype(_compute_dtype(x)))
+  w = _rows_unsharded(w)
+  c = jnp.asarray(c, w.dtype)
+  gamma = jnp.maximum(c, frobenius_norm(w))
+  ratio = c / gamma
+  t = jnp.maximum(ratio * ratio, jnp.finfo(w.dtype).tiny)
+  return w, spec, transposed, ratio, t
+
+
+def _soft_factor(w: jax.Array, c: jax.Array, ratio: jax.Array, t: jax.Array, steps: int):
+  """``(z, scale)`` with ``K = c (c^2 I + w w^T)^{-1/2} = scale * z``."""
+  xs = w * (ratio / c)  # w / gamma
+  g = gram(xs)
+  g2 = g @ g
+  eye = _eye_like(g)
+  b = g + t * eye
+  b2 = g2 + (2.0 * t) * g + (t * t) * eye
+  upper = t + psd_top_eigenvalue_bound(g, g2)
+  z, scale = _inverse_sqrt(b, t, upper, steps, b2)
+  return z, ratio * scale
+
+
+def _finish(out: jax.Array, transposed: bool, spec: tuple | None, dtype) -> jax.Array:
+  out = _mT(out) if transposed else out
+  return _reshard(out.astype(dtype), spec)
+
+
+def soft_spectral_clip(
+    x: jax.Array, c: float | jax.Array, *, ns_steps: int = SOFT_NS_STEPS
+) -> jax.Array:
   r"""Soft spectral clip ``(I + X X^T / c^2)^{-1/2} X``, without an SVD.
 
   Each singular value ``s`` maps to ``s / sqrt(1 + s^2 / c^2)`` (``~s`` for
   ``s << c``, ``-> c`` for ``s >> c``); singular vectors are kept. Computed as
-  ``c B^{-1/2} X`` with ``B = c^2 I + X X^T`` on the smaller side by the scaled
-  Newton–Schulz iteration of :func:`inverse_sqrt_apply`; the top eigenvalue
-  bound is ``c^2 + min(||XX^T||_F, Gershgorin)``. 12 steps reach float32
-  accuracy up to ``s_max / c ~ 1e3`` even for a single spike.
+  ``c (c^2 I + X X^T)^{-1/2} X`` on the smaller side by the scaled
+  Newton–Schulz iteration of :func:`inverse_sqrt_apply`, started from the
+  bound ``c^2 + min(Gershgorin, (tr (XX^T)^4)^{1/4})``. The default 10 steps
+  converge for ``s_max / c`` up to ~300 (a single spike at ``100 c`` leaves
+  the bulk at ``c`` exactly at ``0.7071 c``); beyond, the float32 Gram
+  rounding (see the module docstring) dominates. Cost: ``3 ns_steps - 3``
+  products of ``m x m`` matrices plus two of ``m x m`` by ``m x n``.
 
   Args:
     x: array of shape ``(..., m, n)``.
@@ -226,49 +416,84 @@ def soft_spectral_clip(x: jax.Array, c: float | jax.Array, *, ns_steps: int = 12
   Returns:
     Array of the shape and dtype of ``x``; zero input gives zero output.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optimizers import soft_spectral_clip
+    >>> x = jnp.diag(jnp.array([3.0, 0.5]))
+    >>> soft_spectral_clip(x, 1.0).round(4).tolist()  # 3/sqrt(10), 0.5/sqrt(1.25)
+    [[0.9487, 0.0], [0.0, 0.4472]]
+
   References:
-    Jiang, Semenov, Stich, "SPECTRA: spectral clipping", arXiv 2603.14315.
+    Jiang, Semenov, Stich, "SPECTRA: spectral clipping", arXiv 2603.14315,
+    https://arxiv.org/abs/2603.14315
   """
-  _check_threshold(c)
-  w, transposed = orient_wide(x.astype(_compute_dtype(x)))
-  c = jnp.asarray(c, w.dtype)
-  g, t, ratio = _normalised_gram(w, c)
-  b = g + t * _eye_like(g)
-  upper = t + psd_top_eigenvalue_bound(g)
-  out = ratio * inverse_sqrt_apply(b, w, t, upper, ns_steps)
-  return (_mT(out) if transposed else out).astype(x.dtype)
+  w, spec, transposed, ratio, t = _clip_setup(x, c)
+  z, scale = _soft_factor(w, jnp.asarray(c, w.dtype), ratio, t, ns_steps)
+  return _finish(scale * (z @ w), transposed, spec, x.dtype)
 
 
 def hard_spectral_clip(
-    x: jax.Array, c: float | jax.Array, *, ns_steps: int = 12, sign_steps: tuple[int, int] = (10, 4)
+    x: jax.Array, c: float | jax.Array, *, ns_steps: int = SOFT_NS_STEPS,
+    sign_steps: tuple[int, int] = SIGN_STEPS,
 ) -> jax.Array:
   r"""Hard spectral clip ``s -> min(s, c)``, without an SVD.
 
-  With ``A = X X^T`` (small side) and ``t = c^2``,
-  ``B = (A + t I + (A - t I) sign(A - t I)) / 2`` has eigenvalues
-  ``max(s^2, c^2)``, and ``c B^{-1/2} X`` maps ``s -> c s / max(s, c)
-  = min(s, c)``. The sign comes from :func:`symmetric_sign`; singular values
-  within a relative ``~3.44^-sign_steps[0] * s_max^2 / c^2`` of ``c`` are
-  resolved only partially (their output lies between ``min(s, c)`` and ``s``).
+  With ``K = c (c^2 I + X X^T)^{-1/2}`` (as in :func:`soft_spectral_clip`) and
+  ``M = I - 2 K^2`` (eigenvalues ``mu = (s^2 - c^2) / (s^2 + c^2)``), the
+  result is ``sqrt(2) K (I + |M|)^{-1/2} X``: per singular value
+  ``s sqrt(1 - mu) / sqrt(1 + |mu|) = min(s, c)``. ``|M| = M sign(M)`` comes
+  from :func:`symmetric_sign` on ``M`` (spectrum in ``[-1, 1)``, no bound
+  needed); a sign left unresolved for ``|mu| < ~3.44^-sign_steps[0]`` costs at
+  most ``|mu| / 2`` relative error, independent of ``s_max / c``. Cost: that of
+  the soft clip plus ``3 fast + 2 polish + 12`` products of ``m x m``
+  matrices (45 with the defaults).
 
   Args:
     x: array of shape ``(..., m, n)``.
-    c: threshold ``> 0``.
-    ns_steps: inverse square root iterations.
-    sign_steps: ``(fast, polish)`` iterations of the matrix sign.
+    c: threshold ``> 0`` (scalar, may be traced).
+    ns_steps: iterations of the inverse square root of ``c^2 I + X X^T``.
+    sign_steps: ``(fast, polish)`` iterations of the matrix sign of ``M``.
 
   Returns:
     Array of the shape and dtype of ``x``; zero input gives zero output.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optimizers import hard_spectral_clip
+    >>> x = jnp.diag(jnp.array([3.0, 0.5]))
+    >>> hard_spectral_clip(x, 1.0).round(4).tolist()
+    [[1.0, 0.0], [0.0, 0.5]]
+
+  References:
+    Jiang, Semenov, Stich, "SPECTRA: spectral clipping", arXiv 2603.14315,
+    https://arxiv.org/abs/2603.14315
   """
-  _check_threshold(c)
-  w, transposed = orient_wide(x.astype(_compute_dtype(x)))
-  c = jnp.asarray(c, w.dtype)
-  g, t, ratio = _normalised_gram(w, c)
-  eye = _eye_like(g)
-  top = psd_top_eigenvalue_bound(g)
-  d = g - t * eye
-  sign = symmetric_sign(d, jnp.maximum(top, t), fast_steps=sign_steps[0], polish_steps=sign_steps[1])
-  b = 0.5 * (g + t * eye + d @ sign)
-  b = 0.5 * (b + _mT(b))  # re-symmetrise rounding
-  out = ratio * inverse_sqrt_apply(b, w, 0.5 * t, t + top, ns_steps)
-  return (_mT(out) if transposed else out).astype(x.dtype)
+  fast, polish = sign_steps
+  w, spec, transposed, ratio, t = _clip_setup(x, c)
+  z, scale = _soft_factor(w, jnp.asarray(c, w.dtype), ratio, t, ns_steps)
+  eye = _eye_like(z)
+  m = eye - (2.0 * scale * scale) * _sym(z @ z)
+  abs_m = _sym(m @ symmetric_sign(m, 1.0, fast_steps=fast, polish_steps=polish))
+  zc, scale_c = _inverse_sqrt(eye + abs_m, 1.0, _ABS_UPPER, _ABS_STEPS)
+  out = (math.sqrt(2.0) * scale * scale_c) * ((z @ zc) @ w)
+  return _finish(out, transposed, spec, x.dtype)
+
+
+def spectral_clip_matmuls(
+    m: int, n: int, mode: str = "soft", *, ns_steps: int = SOFT_NS_STEPS,
+    sign_steps: tuple[int, int] = SIGN_STEPS,
+) -> int:
+  """Matrix-product FLOPs (``2 m k n`` each) of one clip of an ``m x n`` matrix.
+
+  Counts what :func:`soft_spectral_clip` / :func:`hard_spectral_clip` execute
+  (Gram, ``A^2``, the Newton–Schulz products and the final application on the
+  wide orientation); elementwise work is ignored.
+  """
+  m, n = min(m, n), max(m, n)
+  square = 2 * m**3
+  soft = 2 * (2 * m * m * n) + (3 * ns_steps - 3) * square
+  if mode == "soft":
+    return soft
+  fast, polish = sign_steps
+  extra = 1 + (3 * fast + 2 * polish) + 1 + (3 * _ABS_STEPS - 2) + 1
+  return soft + extra * square

@@ -6,8 +6,24 @@ perpendicular gradient.
 """
 
 # >>> sharpness exports
+from optimizers import directional_sharpness, hessian_top_eigenvalue
+from regularizers.sharpness import SAMState, m_sharpness_gradient, sam, sam_perturbation
 # <<< sharpness exports
 # >>> saf exports
+from regularizers.saf import MESA, SAF, MESAState, SAFState, distillation_kl, mesa, saf
 # <<< saf exports
 # >>> surgery exports
+from regularizers.surgery import (
+    BloopState,
+    DynamicBarrierState,
+    MixedState,
+    PCGradState,
+    PerpGradState,
+    bloop,
+    dynamic_barrier,
+    main_and_aux_grads,
+    mixed,
+    pcgrad,
+    perp_grad,
+)
 # <<< surgery exports

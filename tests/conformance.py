@@ -46,18 +46,58 @@ class Case:
 
 REGISTRY: list[Case] = [
     # >>> clipping cases
+    Case("clip_coordinatewise_fraction", optimizers.clip_coordinatewise, {"fraction": 0.1}),
+    Case("clip_coordinatewise_threshold", optimizers.clip_coordinatewise,
+         {"threshold": 1.5, "scale": 0.5}),
+    Case("clip_coordinatewise_bisect", optimizers.clip_coordinatewise,
+         {"fraction": 0.2, "method": "bisect"}),
     # <<< clipping cases
     # >>> spectral cases
+    Case("spectral_clip_soft", optimizers.spectral_clip, {"max_singular_value": 1.0}),
+    Case("spectral_clip_hard", optimizers.spectral_clip,
+         {"max_singular_value": 1.0, "mode": "hard"}),
+    Case("spectra_adamw", optimizers.spectra_adamw, {"learning_rate": 1e-3, "weight_decay": 0.01}),
+    Case("spectra_adamw_hard_preclip", optimizers.spectra_adamw,
+         {"learning_rate": 1e-3, "weight_decay": 0.01, "pre_clip": 0.1, "mode": "hard"}),
     # <<< spectral cases
     # >>> subspace cases
+    Case("subspace_dct", optimizers.subspace,
+         {"inner": optax.scale_by_adam(), "projector": optimizers.dct_projector(2), "scale": 0.5}),
+    Case("subspace_dct_l1_rotate_larger", optimizers.subspace,
+         {"inner": optax.scale_by_adam(), "on_refresh": "rotate", "side": "larger",
+          "projector": optimizers.dct_projector(3, update_every=2, score="l1")}),
+    Case("subspace_online_pca", optimizers.subspace,
+         {"inner": optax.scale_by_adam(), "projector": optimizers.online_pca_projector(2)}),
+    Case("subspace_svd_reset", optimizers.subspace,
+         {"inner": optax.scale_by_lion(), "on_refresh": "reset",
+          "projector": optimizers.svd_projector(2, update_every=2)}),
+    Case("dct_adamw", optimizers.dct_adamw, {"learning_rate": 1e-2, "rank": 2}),
+    Case("online_subspace_descent", optimizers.online_subspace_descent,
+         {"learning_rate": 1e-2, "rank": 3, "weight_decay": 1e-3}),
     # <<< subspace cases
     # >>> sven cases
+    Case("scale_by_sven", optimizers.scale_by_sven, {"rank": 3}, consumes_updates=False),
+    Case("scale_by_sven_matrix_free", optimizers.scale_by_sven,
+         {"rank": 2, "method": "matrix_free", "oversampling": 1}, consumes_updates=False),
+    Case("sven", optimizers.sven, {"learning_rate": 0.1, "rank": 3, "rms_decay": 0.9},
+         consumes_updates=False),
     # <<< sven cases
     # >>> sharpness cases
+    Case("sam", regularizers.sam, {"rho": 0.05}),
+    Case("sam_asam", regularizers.sam, {"rho": 0.05, "adaptive": True, "eta": 0.01}),
+    Case("sam_pinf", regularizers.sam, {"rho": 0.05, "p": float("inf")}),
     # <<< sharpness cases
     # >>> saf cases
     # <<< saf cases
     # >>> surgery cases
+    Case("bloop", regularizers.bloop, {"aux_weight": 0.5}),
+    Case("bloop_per_leaf_after", regularizers.bloop,
+         {"aux_weight": 0.5, "decay": 0.9, "eps": 1e-8, "projection": "per_leaf",
+          "ema_order": "after"}),
+    Case("mixed", regularizers.mixed, {"aux_weight": 0.5}),
+    Case("pcgrad", regularizers.pcgrad, {"aux_weight": 0.5}),
+    Case("dynamic_barrier", regularizers.dynamic_barrier, {"aux_weight": 0.5}),
+    Case("perp_grad", regularizers.perp_grad, {}),
     # <<< surgery cases
 ]
 

@@ -1,0 +1,193 @@
+"""Tests for optimizers.curvature: Hessian-vector products, directional sharpness and
+the top Hessian eigenvalue, against explicit float64 Hessians."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from optimizers import directional_sharpness, hessian_top_eigenvalue, hessian_vector_product
+
+SHAPES = {"w1": (3, 4), "b1": (4,), "w2": (4, 2)}  # 22 parameters
+
+
+def mlp_problem(seed: int, dtype=jnp.float64):
+  """A tiny tanh MLP with squared loss: params, loss_fn."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((5, 3))
+  y = rng.standard_normal((5, 2))
+  params = {k: jnp.asarray(rng.standard_normal(s), dtype) for k, s in SHAPES.items()}
+
+  def loss(p):
+    h = jnp.tanh(jnp.asarray(x, p["w1"].dtype) @ p["w1"] + p["b1"])
+    return jnp.mean((h @ p["w2"] - jnp.asarray(y, p["w2"].dtype)) ** 2)
+
+  return params, loss
+
+
+def explicit_hessian(loss, params) -> np.ndarray:
+  flat, unravel = ravel_pytree(params)
+  return np.asarray(jax.hessian(lambda f: loss(unravel(f)))(flat), np.float64)
+
+
+def random_direction(seed: int, params, dtype=None):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), dtype or p.dtype),
+                      params)
+
+
+def flat64(tree) -> np.ndarray:
+  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def quadratic_problem(eigenvalues, seed: int):
+  """L(w) = 0.5 w^T A w + c^T w over a two-leaf tree, A = Q diag(eigenvalues) Q^T."""
+  eigenvalues = np.asarray(eigenvalues, np.float64)
+  n = eigenvalues.size
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+  a = (q * eigenvalues) @ q.T
+  a = (a + a.T) / 2
+  c = rng.standard_normal(n)
+  params = {"m": jnp.asarray(rng.standard_normal((2, n // 4)), jnp.float32),
+            "v": jnp.asarray(rng.standard_normal(n - n // 2), jnp.float32)}
+
+  def loss(p):
+    w = ravel_pytree(p)[0]
+    return 0.5 * w @ jnp.asarray(a, w.dtype) @ w + jnp.asarray(c, w.dtype) @ w
+
+  return params, loss, a
+
+
+# ---------------------------------------------------------------------------
+# Hessian-vector products and directional sharpness.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hvp_and_sharpness_match_explicit_hessian_float64(seed):
+  with jax.enable_x64(True):
+    params, loss = mlp_problem(seed)
+    h = explicit_hessian(loss, params)
+    for k in range(3):
+      v = random_direction(100 * seed + k, params)
+      vf = flat64(v)
+      np.testing.assert_allclose(flat64(hessian_vector_product(loss, params, v)), h @ vf,
+                                 rtol=1e-10, atol=1e-12)
+      s = directional_sharpness(loss, params, v)
+      assert s.dtype == jnp.float64
+      np.testing.assert_allclose(float(s), vf @ h @ vf / (vf @ vf), rtol=1e-10)
+
+
+def test_sharpness_float32_against_float64_hessian():
+  with jax.enable_x64(True):
+    params64, loss = mlp_problem(2)
+    h = explicit_hessian(loss, params64)
+  params32 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params64)
+  scale = np.abs(np.linalg.eigvalsh(h)).max()
+  sharpness = jax.jit(directional_sharpness, static_argnums=0)
+  for k in range(3):
+    v = random_direction(7 + k, params32)
+    vf = flat64(v)
+    got = sharpness(loss, params32, v)
+    assert got.dtype == jnp.float32
+    assert abs(float(got) - vf @ h @ vf / (vf @ vf)) <= 1e-5 * scale
+
+
+def test_sharpness_hand_derived_indefinite_diagonal():
+  """L = sum(cos(w)) over the tree: H = diag(-cos(w)), S(v) = -sum(cos(w) v^2) / sum(v^2)."""
+  rng = np.random.default_rng(3)
+  params = {"a": jnp.asarray(rng.uniform(-3, 3, (4, 5)), jnp.float32),
+            "b": jnp.asarray(rng.uniform(-3, 3, 7), jnp.float32)}
+
+  def loss(p):
+    return sum(jnp.sum(jnp.cos(x)) for x in jax.tree.leaves(p))
+
+  for k in range(3):
+    v = random_direction(20 + k, params)
+    w, vf = flat64(params), flat64(v)
+    expected = -np.sum(np.cos(w) * vf**2) / np.sum(vf**2)
+    np.testing.assert_allclose(float(directional_sharpness(loss, params, v)), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_sharpness_scale_invariance_zero_and_nan_direction():
+  params, loss, _ = quadratic_problem(np.linspace(-2.0, 5.0, 12), seed=4)
+  v = random_direction(5, params)
+  s = float(directional_sharpness(loss, params, v))
+  scaled = float(directional_sharpness(loss, params, jax.tree.map(lambda x: -3.0 * x, v)))
+  assert scaled == pytest.approx(s, rel=1e-5)
+  zero = directional_sharpness(loss, params, jax.tree.map(jnp.zeros_like, v))
+  assert float(zero) == 0.0
+  nan_v = {**v, "v": v["v"].at[0].set(jnp.nan)}
+  assert np.isnan(float(directional_sharpness(loss, params, nan_v)))
+
+
+def test_sharpness_bf16_params_computed_in_float32():
+  params, loss, a = quadratic_problem(np.linspace(-1.0, 4.0, 8), seed=6)
+  params_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  v = random_direction(8, params, jnp.bfloat16)
+  got = directional_sharpness(loss, params_bf16, v)
+  assert got.dtype == jnp.float32
+  vf = flat64(v)  # bf16 values, exactly
+  np.testing.assert_allclose(float(got), vf @ a @ vf / (vf @ vf), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Top eigenvalue by power iteration.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "eigenvalues",
+    [np.r_[7.0, np.linspace(-2.0, 3.0, 15)], np.r_[-6.0, np.linspace(-2.5, 3.0, 11)]],
+    ids=["positive_dominant", "negative_dominant"],
+)
+def test_power_iteration_matches_eigvalsh(eigenvalues):
+  params, loss, a = quadratic_problem(eigenvalues, seed=9)
+  lam = np.linalg.eigvalsh(a)
+  expected = lam[np.argmax(np.abs(lam))]
+  top = jax.jit(hessian_top_eigenvalue, static_argnums=0, static_argnames="num_iters")
+  got = top(loss, params, num_iters=40, key=jax.random.PRNGKey(1))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_power_iteration_mlp_float64():
+  with jax.enable_x64(True):
+    params, loss = mlp_problem(10)
+    lam = np.linalg.eigvalsh(explicit_hessian(loss, params))
+    order = np.argsort(-np.abs(lam))
+    ratio = abs(lam[order[1]] / lam[order[0]])
+    assert ratio < 0.9  # the problem has a gap, so 200 iterations converge
+    got = float(hessian_top_eigenvalue(loss, params, num_iters=200, key=3))
+    np.testing.assert_allclose(got, lam[order[0]], rtol=1e-8)
+    # A Rayleigh quotient never exceeds the largest magnitude, even unconverged.
+    few = float(hessian_top_eigenvalue(loss, params, num_iters=2, key=3))
+    assert abs(few) <= abs(lam[order[0]]) * (1 + 1e-12)
+
+
+def test_power_iteration_key_handling_and_zero_hessian():
+  params, loss, _ = quadratic_problem(np.r_[5.0, np.linspace(-1.0, 1.0, 7)], seed=11)
+  a = hessian_top_eigenvalue(loss, params, num_iters=3, key=0)
+  b = hessian_top_eigenvalue(loss, params, num_iters=3)
+  c = hessian_top_eigenvalue(loss, params, num_iters=3, key=jax.random.PRNGKey(0))
+  d = hessian_top_eigenvalue(loss, params, num_iters=3, key=jax.random.key(0))
+  assert float(a) == float(b) == float(c) == float(d)
+  e = hessian_top_eigenvalue(loss, params, num_iters=3, key=1)
+  assert float(e) != float(a)
+
+  def linear(p):
+    return sum(jnp.sum(2.0 * x) for x in jax.tree.leaves(p))
+
+  assert float(hessian_top_eigenvalue(linear, params, num_iters=4)) == 0.0
+
+
+@pytest.mark.parametrize("num_iters", [0, -1, 2.5])
+def test_power_iteration_bad_num_iters(num_iters):
+  params, loss, _ = quadratic_problem(np.ones(4), seed=12)
+  with pytest.raises(ValueError, match="num_iters"):
+    hessian_top_eigenvalue(loss, params, num_iters=num_iters)

@@ -1,0 +1,448 @@
+"""Sven against float64 NumPy references: explicit Jacobians and np.linalg.svd / lstsq."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from optimizers import ScaleBySvenState, scale_by_sven, sven
+
+# "auto" picks "svd" when P <= 2 B, else "gram" (test_auto_picks_svd_...): not repeated here.
+EXACT = [("gram", None), ("svd", None), ("gram", 5)]
+ALL = EXACT + [("matrix_free", None)]
+IDS = {None: "full"}
+
+
+def method_id(cfg) -> str:
+  method, mb = cfg
+  return f"{method}-{IDS.get(mb, f'mb{mb}')}"
+
+
+def flat(tree) -> np.ndarray:
+  return np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in jax.tree.leaves(tree)])
+
+
+def truncated_pinv_step(m: np.ndarray, r: np.ndarray, rank: int, rtol: float):
+  """V_k S_k^-1 U_k^T r with S_i <= rtol S_0 or <= 1e-10 dropped; also the kept S."""
+  u, s, vt = np.linalg.svd(m, full_matrices=False)
+  keep = (np.arange(s.size) < rank) & (s > rtol * s[0]) & (s > 1e-10)
+  return vt[keep].T @ ((u[:, keep].T @ r) / s[keep]), s[keep]
+
+
+def rel_err(a, b) -> float:
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# --------------------------------------------------------------------------------------
+# Jitted steps shared across tests: residual functions take their data as an argument and
+# float hyperparameters are traced, so one compilation serves every seed, rtol and decay.
+# --------------------------------------------------------------------------------------
+
+
+def mlp_residual(p, data):
+  x, y = data
+  p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+  h = jnp.tanh(x @ p["inp"]["kernel"] + p["inp"]["bias"])
+  for layer in range(2):
+    h = jnp.tanh(h @ p["stack"][layer])
+  return h @ p["out"] - y
+
+
+def linear_residual(p, data):
+  m, y = data
+  return m @ jnp.concatenate([p["a"], p["b"]]) - y
+
+
+@functools.cache
+def compiled_step(residual, rank, method="auto", microbatch_size=None, oversampling=None,
+                  rms=False, optimizer="scale"):
+  def make(rtol, rms_decay, rms_eps, power_iterations, lr):
+    kwargs = dict(rtol=rtol, method=method, microbatch_size=microbatch_size,
+                  oversampling=oversampling, rms_decay=rms_decay if rms else None,
+                  rms_eps=rms_eps, power_iterations=power_iterations)
+    if optimizer == "scale":
+      return scale_by_sven(rank, **kwargs)
+    return sven(lr, rank, **kwargs)
+
+  def step(updates, state, params, data, floats):
+    tx = make(*floats)
+    return tx.update(updates, state, params, residual_fn=lambda q: residual(q, data))
+
+  return make, jax.jit(step)
+
+
+def run(residual, data, params, rank, *, rtol=1e-3, rms_decay=0.0, rms_eps=1e-8,
+        power_iterations=1, lr=1.0, state=None, updates=None, **static):
+  """One update of ``scale_by_sven`` (or ``sven`` with ``optimizer="sven"``); (out, state)."""
+  if static.get("method") != "matrix_free":
+    static.pop("oversampling", None)  # unused: keep the compilation cache key shared
+  make, step = compiled_step(residual, rank, rms=rms_decay > 0, **static)
+  floats = (jnp.float32(rtol), jnp.float32(rms_decay), jnp.float32(rms_eps),
+            jnp.int32(power_iterations), jnp.float32(lr))
+  state = make(*floats).init(params) if state is None else state
+  return step(params if updates is None else updates, state, params, data, floats)
+
+
+def cfg_kwargs(cfg) -> dict:
+  return {"method": cfg[0], "microbatch_size": cfg[1]}
+
+
+
+# --------------------------------------------------------------------------------------
+# Problems: a small tanh MLP with a stacked leaf (its per-sample Jacobian by hand in
+# float64) and linear residuals M theta - y with a chosen spectrum.
+# --------------------------------------------------------------------------------------
+
+
+def mlp_problem(seed: int, num: int = 16, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  params = {
+      "inp": {"kernel": rng.normal(size=(3, 6)) / np.sqrt(3), "bias": 0.1 * rng.normal(size=6)},
+      "stack": rng.normal(size=(2, 6, 6)) / np.sqrt(6),
+      "out": rng.normal(size=6) / np.sqrt(6),
+  }
+  params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+  data = (jnp.asarray(rng.normal(size=(num, 3)), jnp.float32),
+          jnp.asarray(rng.normal(size=num), jnp.float32))
+  return params, data
+
+
+def mlp_reference(params, data):
+  """(M, r) in float64: residuals and the per-sample Jacobian, backprop written out."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x, y = (np.asarray(a, np.float64) for a in data)
+  rows, res = [], []
+  for xi, yi in zip(x, y, strict=True):
+    h0 = np.tanh(xi @ p["inp"]["kernel"] + p["inp"]["bias"])
+    h1 = np.tanh(h0 @ p["stack"][0])
+    h2 = np.tanh(h1 @ p["stack"][1])
+    res.append(h2 @ p["out"] - yi)
+    g2 = p["out"] * (1 - h2**2)
+    g1 = (p["stack"][1] @ g2) * (1 - h1**2)
+    g0 = (p["stack"][0] @ g1) * (1 - h0**2)
+    grad = {
+        "inp": {"kernel": np.outer(xi, g0), "bias": g0},
+        "stack": np.stack([np.outer(h0, g1), np.outer(h1, g2)]),
+        "out": h2,
+    }
+    rows.append(flat(grad))
+  return np.stack(rows), np.asarray(res)
+
+
+def linear_problem(m: np.ndarray, y: np.ndarray, split: int):
+  """Params at zero split over two leaves, data, and (M, y) in float64 after rounding."""
+  data = (jnp.asarray(m, jnp.float32), jnp.asarray(y, jnp.float32))
+  params = {"a": jnp.zeros((split,)), "b": jnp.zeros((m.shape[1] - split,))}
+  return params, data, np.asarray(data[0], np.float64), np.asarray(data[1], np.float64)
+
+
+def spectrum_matrix(rng, num: int, p: int, svals) -> np.ndarray:
+  u, _ = np.linalg.qr(rng.normal(size=(num, num)))
+  v, _ = np.linalg.qr(rng.normal(size=(p, num)))
+  s = np.zeros(num)
+  s[: len(svals)] = svals
+  return (u * s) @ v.T
+
+
+def sine_residual(p, data):
+  a_u, a_v = data
+  return jnp.stack([jnp.sum(a_u * jnp.sin(p["u"])) + jnp.sum(a_v * jnp.sin(p["v"])) - 0.3])
+
+
+# --------------------------------------------------------------------------------------
+# Correctness
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", ALL, ids=method_id)
+def test_single_sample_minimum_norm_step(cfg):
+  """B = 1: pinv(g^T) r = g r / ||g||^2, the minimum-norm solution of g . delta = r."""
+  rng = np.random.default_rng(1)
+  a32 = (jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+         jnp.asarray(rng.normal(size=5), jnp.float32))
+  params = {"u": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+            "v": jnp.asarray(rng.normal(size=5), jnp.float32)}
+  a_u, a_v = (np.asarray(x, np.float64) for x in a32)
+  u, v = (np.asarray(params[k], np.float64) for k in "uv")
+  g = flat({"u": a_u * np.cos(u), "v": a_v * np.cos(v)})
+  r = np.sum(a_u * np.sin(u)) + np.sum(a_v * np.sin(v)) - 0.3
+  delta, state = run(sine_residual, a32, params, 3, **cfg_kwargs(cfg))
+  np.testing.assert_allclose(flat(delta), g * r / (g @ g), rtol=2e-5, atol=1e-7)
+  assert int(state.effective_rank) == 1
+  np.testing.assert_allclose(np.asarray(state.singular_values), [np.linalg.norm(g), 0.0, 0.0],
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", ALL, ids=method_id)
+def test_one_step_ols_overdetermined(cfg):
+  """Linear residuals with B > P and rank >= P: one step of sven(lr=1) lands on lstsq."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(40, 5))
+  m = np.concatenate([x, np.ones((40, 1))], axis=1)  # weights and an intercept
+  y = x @ rng.normal(size=5) + 0.5 + 0.1 * rng.normal(size=40)
+  _, data, m64, y64 = linear_problem(m, y, split=5)
+  params = {"a": jnp.asarray(rng.normal(size=5), jnp.float32),
+            "b": jnp.asarray([0.2], jnp.float32)}
+  updates, _ = run(linear_residual, data, params, 6, rtol=0.0, optimizer="sven",
+                   **cfg_kwargs(cfg))
+  solution = flat(optax.apply_updates(params, updates))
+  np.testing.assert_allclose(solution, np.linalg.lstsq(m64, y64, rcond=None)[0], rtol=1e-4,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", EXACT, ids=method_id)
+@pytest.mark.parametrize("rank", [3, 16])
+def test_mlp_step_equals_truncated_pinv(cfg, rank):
+  for seed in (3, 4):
+    params, data = mlp_problem(seed)
+    m, r = mlp_reference(params, data)
+    s = np.linalg.svd(m, compute_uv=False)
+    if rank < s.size:  # the truncation is well posed only with a gap at k
+      assert (s[rank - 1] - s[rank]) / s[0] > 1e-3
+    expected, kept = truncated_pinv_step(m, r, rank, 1e-3)
+    delta, state = run(mlp_residual, data, params, rank, **cfg_kwargs(cfg))
+    assert rel_err(flat(delta), expected) < 2e-4
+    assert int(state.effective_rank) == kept.size
+    np.testing.assert_allclose(np.asarray(state.singular_values)[: kept.size], kept, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(state.singular_values)[kept.size:], 0.0)
+
+
+@pytest.mark.parametrize("cfg", ALL, ids=method_id)
+def test_rtol_and_absolute_cutoff(cfg):
+  rng = np.random.default_rng(4)
+  svals = [1.0, 0.5, 0.2, 1e-2, 3e-3, 1.5e-3, 8e-4, 1e-5]
+  m = spectrum_matrix(rng, 12, 30, svals)
+  params, data, m64, y64 = linear_problem(m, rng.normal(size=12), split=10)
+  for rtol, kept in ((1e-3, 6), (2e-2, 3), (1e-6, 8)):
+    delta, state = run(linear_residual, data, params, 10, rtol=rtol, oversampling=2,
+                       **cfg_kwargs(cfg))
+    expected, s_kept = truncated_pinv_step(m64, -y64, 10, rtol)
+    assert s_kept.size == kept == int(state.effective_rank)
+    # float32 resolves singular values to ~eps * S_0 absolute (S = 1e-5: ~1% accuracy)
+    tol = 2e-4 if rtol > 1e-4 else 3e-2
+    assert rel_err(flat(delta), expected) < tol
+    np.testing.assert_allclose(np.asarray(state.singular_values)[:kept], s_kept, rtol=tol)
+  # Every singular value <= 1e-10: the absolute cutoff gives a zero step.
+  delta, state = run(linear_residual, (1e-12 * data[0], data[1]), params, 10, oversampling=2,
+                     **cfg_kwargs(cfg))
+  assert int(state.effective_rank) == 0
+  np.testing.assert_array_equal(flat(delta), 0.0)
+
+
+@pytest.mark.parametrize("cfg", EXACT + [("matrix_free", 4)], ids=method_id)
+def test_graded_spectrum_float32_accuracy(cfg):
+  """Kept singular values spread over 1e3: a single float32 Gram eigh misses this by
+  ~5%; the exact methods (refined Gram, SVD) and matrix-free reach SVD-level accuracy."""
+  rng = np.random.default_rng(5)
+  m = spectrum_matrix(rng, 32, 120, np.concatenate([np.logspace(0, -2.95, 20), [1e-4, 1e-5]]))
+  params, data, m64, y64 = linear_problem(m, rng.normal(size=32), split=50)
+  expected, kept = truncated_pinv_step(m64, -y64, 32, 1e-3)
+  delta, state = run(linear_residual, data, params, 32, power_iterations=3, **cfg_kwargs(cfg))
+  assert int(state.effective_rank) == kept.size == 20
+  assert rel_err(flat(delta), expected) < 2e-4
+
+
+def test_matrix_free_agrees_with_exact():
+  # A spectrum with a gap after k: subspace iteration converges like (s_{l+1}/s_k)^(2q+2).
+  rng = np.random.default_rng(6)
+  svals = np.concatenate([[1.0, 0.8, 0.6, 0.4], 0.02 * rng.uniform(size=40)])
+  m = spectrum_matrix(rng, 48, 80, svals)
+  params, data, m64, y64 = linear_problem(m, rng.normal(size=48), split=30)
+  expected, _ = truncated_pinv_step(m64, -y64, 4, 1e-3)
+  delta, state = run(linear_residual, data, params, 4, method="matrix_free", power_iterations=2)
+  assert rel_err(flat(delta), expected) < 1e-4
+  # A fresh key every step; the state keeps legacy uint32 key data.
+  assert state.key.dtype == jnp.uint32 and state.key.shape == (2,)
+  assert not np.array_equal(np.asarray(state.key), np.asarray(jax.random.PRNGKey(0)))
+  # On the MLP (no gap to speak of) the randomized result tracks the exact one loosely
+  # and is exact when the subspace is all of R^B.
+  params, data = mlp_problem(seed=7)
+  m, r = mlp_reference(params, data)
+  expected = truncated_pinv_step(m, r, 4, 1e-3)[0]
+  approx, _ = run(mlp_residual, data, params, 4, method="matrix_free", power_iterations=4,
+                  oversampling=9)
+  assert rel_err(flat(approx), expected) < 2e-2
+  full, _ = run(mlp_residual, data, params, 4, method="matrix_free", oversampling=12)
+  assert rel_err(flat(full), expected) < 1e-4
+
+
+def test_microbatched_matches_full():
+  # (configurations shared with the tests above, so nothing new is compiled)
+  params, data = mlp_problem(seed=8)
+  for rank, rms_decay, oversampling in ((3, 0.0, None), (8, 0.9, 8)):
+    kwargs = dict(method="gram", rms_decay=rms_decay, oversampling=oversampling)
+    full, full_state = run(mlp_residual, data, params, rank, **kwargs)
+    delta, state = run(mlp_residual, data, params, rank, microbatch_size=5, **kwargs)
+    assert rel_err(flat(delta), flat(full)) < 1e-4
+    np.testing.assert_allclose(state.singular_values, full_state.singular_values, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", ALL, ids=method_id)
+def test_rms_prescaling_is_a_change_of_variables(cfg):
+  """delta = D pinv_k(M D) r with D = 1/(sqrt(nu) + eps), nu an EMA of (mean row of M)^2."""
+  params, data = mlp_problem(seed=9)
+  m, r = mlp_reference(params, data)
+  decay, eps = 0.9, 1e-3
+  nu = np.zeros(m.shape[1])
+  state = None
+  for _ in range(2):  # the EMA accumulates across steps
+    delta, state = run(mlp_residual, data, params, 8, rms_decay=decay, rms_eps=eps,
+                       oversampling=8, state=state, **cfg_kwargs(cfg))
+    nu = decay * nu + (1 - decay) * m.mean(axis=0) ** 2
+    d = 1 / (np.sqrt(nu) + eps)
+    assert rel_err(flat(delta), d * truncated_pinv_step(m * d, r, 8, 1e-3)[0]) < 2e-4
+    np.testing.assert_allclose(flat(state.nu), nu, rtol=1e-4, atol=1e-12)
+
+
+def test_bf16_params():
+  params, data = mlp_problem(seed=10, dtype=jnp.bfloat16)
+  m, r = mlp_reference(params, data)  # at the bf16 values, upcast
+  expected, _ = truncated_pinv_step(m, r, 6, 1e-3)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  for method in ("gram", "matrix_free"):
+    delta, state = run(mlp_residual, data, params, 6, method=method, oversampling=16,
+                       updates=grads)
+    for d, p in zip(jax.tree.leaves(delta), jax.tree.leaves(params), strict=True):
+      assert d.dtype == jnp.bfloat16 and d.shape == p.shape
+    assert state.singular_values.dtype == jnp.float32
+    assert rel_err(flat(delta), expected) < 1e-2  # bf16 output rounding
+
+
+@pytest.mark.parametrize("cfg", ALL + [("matrix_free", 2)], ids=method_id)
+def test_zero_jacobian_gives_zero_step(cfg):
+  rng = np.random.default_rng(11)
+  params, data, _, _ = linear_problem(np.zeros((12, 30)), rng.normal(size=12), split=10)
+  for rms_decay in (0.9,):  # the pre-scaling must stay finite too
+    delta, state = run(linear_residual, data, params, 10, oversampling=2, rms_decay=rms_decay,
+                       **cfg_kwargs(cfg))
+    for leaf in jax.tree.leaves((delta, state)):
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+    np.testing.assert_array_equal(flat(delta), 0.0)
+    assert int(state.effective_rank) == 0
+    np.testing.assert_array_equal(np.asarray(state.singular_values), 0.0)
+
+
+@pytest.mark.parametrize("cfg", ALL, ids=method_id)
+def test_nonfinite_residuals_propagate(cfg):
+  params, data = mlp_problem(seed=12)
+  # rank 3 / 4 + 9: configurations shared with the tests above
+  rank = 4 if cfg[0] == "matrix_free" else 3
+  for bad in (jnp.nan, jnp.inf):
+    poisoned = {**params, "out": params["out"].at[2].set(bad)}
+    delta, _ = run(mlp_residual, data, poisoned, rank, oversampling=9, **cfg_kwargs(cfg))
+    assert not np.all(np.isfinite(flat(delta)))
+  x, y = data
+  delta, _ = run(mlp_residual, (x, y.at[0].set(jnp.nan)), params, rank, oversampling=9,
+                 **cfg_kwargs(cfg))
+  assert not np.all(np.isfinite(flat(delta)))
+
+
+def test_apply_if_finite_skips_nonfinite_steps():
+  """apply_if_finite checks its incoming updates: placed after Sven it sees Sven's output."""
+  params, (x, y) = mlp_problem(seed=12)
+  tx = optax.chain(scale_by_sven(3), optax.apply_if_finite(optax.scale(-0.5), 3))
+  state = tx.init(params)
+  step = jax.jit(
+      lambda p, s, y: tx.update(p, s, p, residual_fn=lambda q: mlp_residual(q, (x, y))))
+  updates, state = step(params, state, y.at[0].set(jnp.nan))
+  np.testing.assert_array_equal(flat(updates), 0.0)
+  assert int(state[1].notfinite_count) == 1
+  updates, state = step(params, state, y)
+  assert np.all(np.isfinite(flat(updates))) and np.any(flat(updates) != 0)
+
+
+def test_sven_is_minus_learning_rate_times_direction():
+  params, data = mlp_problem(seed=13)
+  direction, _ = run(mlp_residual, data, params, 3, method="gram")
+  updates, _ = run(mlp_residual, data, params, 3, method="gram", lr=0.3, optimizer="sven")
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda d: -0.3 * d, direction), rtol=1e-6)
+  # The incoming updates do not enter the direction.
+  other, _ = run(mlp_residual, data, params, 3, method="gram",
+                 updates=jax.tree.map(lambda p: 7.0 * p + 1.0, params))
+  chex.assert_trees_all_equal(other, direction)
+
+
+def test_sven_solves_nonlinear_least_squares():
+  """Gauss-Newton regime (P < B, full rank), with a schedule: lr = 1 converges fast."""
+  x = jnp.linspace(-1.0, 1.0, 20)
+  target = {"a": 2.0, "c": 0.7, "d": -0.3}
+  residual_fn = lambda p: p["a"] * jnp.exp(p["c"] * x) + p["d"] - (
+      target["a"] * jnp.exp(target["c"] * x) + target["d"])
+  params = {"a": jnp.array(1.0), "c": jnp.array(0.0), "d": jnp.array(0.0)}
+  tx = sven(optax.constant_schedule(1.0), rank=3)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(p, s, p, residual_fn=residual_fn))
+  for _ in range(8):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose([float(params[k]) for k in "acd"], [2.0, 0.7, -0.3], atol=1e-5)
+
+
+def test_auto_picks_svd_when_batch_is_comparable_to_params():
+  def primitives(num: int) -> str:
+    params = {"w": jnp.zeros((8,))}
+    feats = jnp.tanh(jnp.arange(num * 8.0).reshape(num, 8) / 50.0)
+    residual_fn = lambda p: feats @ p["w"] - 1.0
+    tx = scale_by_sven(2)
+    return str(jax.make_jaxpr(lambda p: tx.update(p, tx.init(p), p, residual_fn=residual_fn))(
+        params))
+
+  assert "svd" in primitives(4) and "eigh" not in primitives(4)  # P = 8 <= 2 B
+  assert "eigh" in primitives(3)  # P = 8 > 2 B: Gram
+
+
+def test_state_and_diagnostics_padding():
+  params, data = mlp_problem(seed=14, num=4)
+  state0 = scale_by_sven(7).init(params)
+  assert isinstance(state0, ScaleBySvenState) and state0.nu == ()
+  _, state = run(mlp_residual, data, params, 7)  # more directions requested than samples
+  assert state.singular_values.shape == (7,)
+  assert int(state.effective_rank) == 4
+  assert np.all(np.asarray(state.singular_values)[:4] > 0)
+  np.testing.assert_array_equal(np.asarray(state.singular_values)[4:], 0.0)
+  assert jax.tree.map(jax.typeof, state) == jax.tree.map(jax.typeof, state0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"rank": 0}, "rank"),
+        ({"rank": -2}, "rank"),
+        ({"rank": 2.0}, "rank"),
+        ({"rank": True}, "rank"),
+        ({"rank": 2, "rtol": -1e-3}, "rtol"),
+        ({"rank": 2, "method": "qr"}, "method"),
+        ({"rank": 2, "microbatch_size": 0}, "microbatch_size"),
+        ({"rank": 2, "method": "svd", "microbatch_size": 4}, "microbatch_size"),
+        ({"rank": 2, "rms_decay": 1.0}, "rms_decay"),
+        ({"rank": 2, "rms_eps": 0.0}, "rms_eps"),
+        ({"rank": 2, "power_iterations": -1}, "power_iterations"),
+        ({"rank": 2, "oversampling": -1}, "oversampling"),
+    ],
+)
+def test_bad_configuration(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    scale_by_sven(**kwargs)
+  with pytest.raises(ValueError, match=name):
+    sven(0.1, **kwargs)
+
+
+def test_bad_update_arguments():
+  params, data = mlp_problem(seed=15)
+  residual_fn = lambda p: mlp_residual(p, data)
+  tx = scale_by_sven(2)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="residual_fn"):
+    tx.update(params, state, params)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(params, state, residual_fn=residual_fn)
+  with pytest.raises(ValueError, match="residual_fn"):
+    tx.update(params, state, params, residual_fn=lambda p: jnp.stack([residual_fn(p)] * 2))
+  with pytest.raises(ValueError, match="residual_fn"):
+    tx.update(params, state, params, residual_fn=lambda p: jnp.sum(residual_fn(p)))
