@@ -83,7 +83,8 @@ def plot_curves(rows: list[dict], path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--d-model", type=int, default=64)

@@ -25,10 +25,13 @@ def results_dir() -> Path:
 
 
 def block(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+  return jax.tree.map(
+      lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
 
-def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1, **kwargs: Any) -> float:
+def time_fn(
+    fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1, **kwargs: Any
+) -> float:
   """Median wall time in seconds of ``fn(*args)`` after ``warmup`` calls (compile)."""
   for _ in range(warmup):
     block(fn(*args, **kwargs))
@@ -51,13 +54,15 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[s
       "temp_bytes": int(m.temp_size_in_bytes),
       "alias_bytes": int(m.alias_size_in_bytes),
   }
-  out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                       - out["alias_bytes"])
   return out
 
 
 def tree_bytes(tree: Any) -> int:
   """Total bytes of the array leaves of ``tree``."""
-  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+  leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")]
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in leaves))
 
 
 def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:

@@ -40,7 +40,9 @@ class LMConfig:
   seq_len: int = 64
 
 
-def load_corpus(max_bytes: int = 4_000_000, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def load_corpus(
+    max_bytes: int = 4_000_000, val_fraction: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
   """Bytes of the stdlib's ``*.py`` files (sorted, deterministic), split train/val.
 
   Returns:
@@ -108,7 +110,9 @@ def lm_loss(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array) -> jax.Array
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> jax.Array:
+def sample_batch(
+    data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator
+) -> jax.Array:
   """Random windows of ``seq_len + 1`` bytes, int32 (batch, seq_len + 1)."""
   starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
   return jnp.asarray(np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int32))
@@ -171,7 +175,8 @@ def train(
     if teacher is None:
       return loss(p, tokens)
     logits = nnx.merge(graphdef, p)(tokens[:, :-1])
-    teacher_logits = jax.lax.stop_gradient(nnx.merge(graphdef, teacher_state.teacher)(tokens[:, :-1]))
+    teacher_model = nnx.merge(graphdef, teacher_state.teacher)
+    teacher_logits = jax.lax.stop_gradient(teacher_model(tokens[:, :-1]))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
     return ce + teacher.loss(logits, teacher_logits)
 

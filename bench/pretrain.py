@@ -68,7 +68,7 @@ def _layer_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 def _init_layer(key: jax.Array, cfg: GPTConfig, lead: tuple[int, ...] = ()) -> dict[str, nnx.Param]:
   out = {}
-  for (name, shape), k in zip(_layer_shapes(cfg).items(), jax.random.split(key, 6)):
+  for (name, shape), k in zip(_layer_shapes(cfg).items(), jax.random.split(key, 6), strict=True):
     if len(shape) == 1:
       out[name] = nnx.Param(jnp.ones(lead + shape))
     else:
@@ -154,7 +154,7 @@ def state_specs(
 def _fits(shape: tuple[int, ...], spec: P, mesh: jax.sharding.Mesh) -> bool:
   if len(spec) > len(shape):
     return False
-  for dim, axis in zip(shape, spec):
+  for dim, axis in zip(shape, spec, strict=False):
     names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
     if dim % math.prod(mesh.shape[n] for n in names):
       return False
@@ -170,7 +170,9 @@ def make_mesh(shape: Sequence[int] | None) -> jax.sharding.Mesh:
   return jax.make_mesh(tuple(shape), ("data", "model"), axis_types=(auto, auto))
 
 
-def batch_for_step(data: np.ndarray, seed: int, step: int, batch_size: int, seq_len: int) -> np.ndarray:
+def batch_for_step(
+    data: np.ndarray, seed: int, step: int, batch_size: int, seq_len: int
+) -> np.ndarray:
   """The batch of ``step``: a pure function of ``(seed, step)`` (resumable data order)."""
   rng = np.random.default_rng((seed, step))
   starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
@@ -211,7 +213,8 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), p_specs)
   params = jax.device_put(params, p_shard)
   s_specs = state_specs(tx, params, p_specs, mesh)
-  s_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), s_specs, is_leaf=lambda x: isinstance(x, P))
+  s_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), s_specs,
+                         is_leaf=lambda x: isinstance(x, P))
   opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
   batch_shard = NamedSharding(mesh, P("data", None))
   # Loss-side EMA teacher (MESA), sharded like the parameters; an empty tuple otherwise.
@@ -291,7 +294,8 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   try:
     for step in steps:
       tokens = jax.device_put(
-          batch_for_step(train_data, cfg.seed, step, cfg.batch_size, cfg.model.seq_len), batch_shard)
+          batch_for_step(train_data, cfg.seed, step, cfg.batch_size, cfg.model.seq_len),
+          batch_shard)
       t0 = time.perf_counter()
       params, opt_state, teacher_state, loss, gnorm = step_fn(params, opt_state, teacher_state,
                                                               tokens)
@@ -316,7 +320,8 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--optimizer", default="adamw", choices=sorted(methods_lib.registry()))
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--batch-size", type=int, default=16)

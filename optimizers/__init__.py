@@ -4,10 +4,6 @@ Coordinate-wise clipping, SPECTRA spectral clipping, Newton–Schulz matrix
 functions, low-rank subspace optimizers (DCT, online PCA, SVD) and Sven.
 """
 
-from optimizers.linalg import hard_spectral_clip, orthogonalize, soft_spectral_clip
-from optimizers.matrices import MatrixDims
-
-# >>> clipping exports
 from optimizers.clipping import (
     ClipCoordinatewiseState,
     clip_coordinatewise,
@@ -18,16 +14,14 @@ from optimizers.curvature import (
     hessian_top_eigenvalue,
     hessian_vector_product,
 )
-# <<< clipping exports
-# >>> spectral exports
+from optimizers.linalg import hard_spectral_clip, orthogonalize, soft_spectral_clip
+from optimizers.matrices import MatrixDims
 from optimizers.spectral import (
     SpectralClipState,
     spectra_adamw,
     spectra_threshold_schedule,
     spectral_clip,
 )
-# <<< spectral exports
-# >>> subspace exports
 from optimizers.subspace import (
     DctProjectorState,
     OnlinePcaProjectorState,
@@ -46,7 +40,4 @@ from optimizers.subspace import (
     subspace_partition_specs,
     svd_projector,
 )
-# <<< subspace exports
-# >>> sven exports
 from optimizers.sven import ScaleBySvenState, scale_by_sven, sven
-# <<< sven exports

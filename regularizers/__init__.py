@@ -5,14 +5,9 @@ regularisers, Bloop gradient surgery with its baselines, and the
 perpendicular gradient.
 """
 
-# >>> sharpness exports
 from optimizers import directional_sharpness, hessian_top_eigenvalue
-from regularizers.sharpness import SAMState, m_sharpness_gradient, sam, sam_perturbation
-# <<< sharpness exports
-# >>> saf exports
 from regularizers.saf import MESA, SAF, MESAState, SAFState, distillation_kl, mesa, saf
-# <<< saf exports
-# >>> surgery exports
+from regularizers.sharpness import SAMState, m_sharpness_gradient, sam, sam_perturbation
 from regularizers.surgery import (
     BloopState,
     DynamicBarrierState,
@@ -26,4 +21,3 @@ from regularizers.surgery import (
     pcgrad,
     perp_grad,
 )
-# <<< surgery exports

