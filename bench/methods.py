@@ -73,10 +73,14 @@ class Method:
 
 
 def schedule_peak(learning_rate: Any, horizon: int = 1_000_000) -> float:
-  """The largest value of a schedule over its first ``horizon`` steps (a float as is)."""
+  """The largest value of a schedule over its first ``horizon`` steps (a float as is).
+
+  Every step of the first 10k (warm-ups are short), then every 100th.
+  """
   if not callable(learning_rate):
     return float(learning_rate)
-  return float(jnp.max(learning_rate(jnp.arange(0, horizon, max(horizon // 10_000, 1)))))
+  steps = jnp.concatenate([jnp.arange(min(horizon, 10_000)), jnp.arange(10_000, horizon, 100)])
+  return float(jnp.max(learning_rate(steps)))
 
 
 # Ranks are chosen for the small demo model (d_model 64 .. 256): a quarter of d_model.
