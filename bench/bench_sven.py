@@ -28,6 +28,11 @@ of a minibatch and their Jacobian ``M = dR/dtheta`` (``optimizers.sven``).
   exact (Jacobian materialised), exact microbatched (``G`` from 32 VJP/JVP
   pairs at a time) and matrix-free.
 
+LAPACK (the ``eigh``, ``svd`` and ``qr`` of Sven's small matrices, which XLA on CPU
+calls through SciPy's OpenBLAS) runs single-threaded here: on a loaded 2-core machine
+OpenBLAS's own threads made a 64x64 SVD ~25x slower. Only Sven calls LAPACK; the matmuls
+of every method are XLA's.
+
 Targets (issue 5): exact Sven step <= 3x an SGD step at ``B = 32``; matrix-free
 peak memory <= 3x an SGD step's at ``B = 1024``. Paper's claim: Sven beats Adam
 (faster, lower final loss) and is competitive with L-BFGS at a fraction of its
@@ -51,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from threadpoolctl import threadpool_limits
 
 import optimizers as opt
 from bench.bench_subspace import round_robin
@@ -178,7 +184,7 @@ class MethodSpec:
 # Learning rates (and Sven's rank) picked by the grid of `main` on seed 0 (bench/results/sven.json),
 # used by `regression_comparison` (the demo ablation) without re-tuning.
 DEFAULT_METHODS = (
-    MethodSpec("sven", lr=0.3, rank=32),
+    MethodSpec("sven", lr=0.1, rank=32),
     MethodSpec("adam", lr=3e-3),
     MethodSpec("sgd", lr=0.1),
     MethodSpec("lbfgs"),
@@ -334,8 +340,9 @@ def regression_comparison(quick: bool) -> list[dict]:
   training seconds, epochs (L-BFGS: iterations) and steps.
   """
   task = fit1d_task(512 if quick else 10_000)
-  runs = [TrainingRun(spec, task, seed=0) for spec in DEFAULT_METHODS]
-  race(runs, budget_s=1.5 if quick else 10.0)
+  with single_threaded_lapack():
+    runs = [TrainingRun(spec, task, seed=0) for spec in DEFAULT_METHODS]
+    race(runs, budget_s=1.5 if quick else 10.0)
   keys = ("method", "lr", "final_loss", "min_loss", "seconds", "epochs", "steps")
   return [{k: r.summary()[k] for k in keys} for r in runs]
 
@@ -352,8 +359,13 @@ def _grid(kinds: Sequence[str]) -> list[MethodSpec]:
   return specs
 
 
-def _curve(run: TrainingRun) -> dict[str, Any]:
-  return {"method": run.spec.name, "lr": run.spec.lr, "seed": run.seed, **run.curve}
+def _curve(run: TrainingRun, max_points: int = 200) -> dict[str, Any]:
+  """The run's curve for the JSON, thinned to at most ``max_points`` evenly spaced
+  evaluations (the first and the last kept)."""
+  n = len(run.curve["loss"])
+  keep = np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(int))
+  return {"method": run.spec.name, "lr": run.spec.lr, "seed": run.seed,
+          **{k: [v[i] for i in keep] for k, v in run.curve.items()}}
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -418,8 +430,10 @@ def task_study(task: RegressionTask, budget_s: float, seeds: Sequence[int],
                          for k, v in verdict.items()))
   return {"task": task.name, "num_points": len(task.x), "sizes": list(task.sizes),
           "params": num_params(task.sizes), "batch_size": BATCH_SIZE, "budget_s": budget_s,
-          "seeds": list(seeds), "sweep": sweep_rows, "runs": [r.summary() for r in runs],
-          "summary": summary, "verdict": verdict, "curves": [_curve(r) for r in runs]}
+          "seeds": list(seeds), "lr_grid": LR_GRID if sweep else None,
+          "sven_ranks": SVEN_RANKS if sweep else None, "sweep": sweep_rows,
+          "runs": [r.summary() for r in runs], "summary": summary, "verdict": verdict,
+          "curves": [_curve(r) for r in runs]}
 
 
 def regression_bench(quick: bool) -> dict[str, Any]:
@@ -467,7 +481,7 @@ def _variants(ranks: Sequence[int], batch: int) -> dict[str, tuple[optax.Gradien
 
 
 def step_cost_rows(sizes: Sequence[int], batch: int, ranks: Sequence[int], scan_steps: int,
-               repeats: int) -> list[dict]:
+                   repeats: int) -> list[dict]:
   """Seconds per step of each variant (``scan_steps`` steps per call), round-robin timed."""
   params = init_mlp(sizes, 0)
   x, y = _batch(sizes, batch)
@@ -499,9 +513,9 @@ def step_cost_bench(quick: bool) -> dict[str, Any]:
   else:
     batches, ranks, big = (32, 128, 512), (1, 4, 16, 32), BIG_MLP
   rows = []
-  for batch in batches:
-    rows += step_cost_rows(small, batch, ranks, scan_steps=2 if quick else 50,
-                       repeats=2 if quick else 5)
+  for batch in batches:  # ~1600 examples per timed call
+    rows += step_cost_rows(small, batch, ranks, scan_steps=2 if quick else 1600 // batch,
+                           repeats=2 if quick else 5)
   print_table(rows, f"step cost vs an SGD step, MLP {'-'.join(map(str, small))} "
               f"({num_params(small)} params); exact_gram keeps k = {max(ranks)} (its cost is "
               "independent of k)")
@@ -510,8 +524,8 @@ def step_cost_bench(quick: bool) -> dict[str, Any]:
     big_rows = step_cost_rows(big, 32, (1, 8, 32), scan_steps=1, repeats=3)
     print_table(big_rows, f"step cost vs an SGD step, MLP {'-'.join(map(str, big))} "
                 f"({num_params(big)} params), B = 32")
-  exact32 = [r["vs_sgd"] for r in rows + big_rows if r["variant"] == "exact_gram"
-             and r["batch"] == 32]
+  exact32 = {model: r["vs_sgd"] for model, rs in (("paper_mlp", rows), ("mlp_1m", big_rows))
+             for r in rs if r["variant"] == "exact_gram" and r["batch"] == 32}
   return {"paper_mlp": rows, "mlp_1m": big_rows, "target_exact_vs_sgd_at_b32_le": 3.0,
           "exact_vs_sgd_at_b32": exact32}
 
@@ -548,14 +562,21 @@ def memory_bench(quick: bool) -> dict[str, Any]:
           f"matrix_free_vs_sgd_at_b{last}": max(mf)}
 
 
+def single_threaded_lapack() -> threadpool_limits:
+  """Context: OpenBLAS (SciPy's, which XLA's CPU LAPACK calls use) limited to one thread."""
+  jnp.linalg.eigh(jnp.eye(2))  # loads the LAPACK library, so that the limit reaches it
+  return threadpool_limits(limits=1, user_api="blas")
+
+
 def main(quick: bool = False) -> dict[str, Any]:
   t0 = time.perf_counter()
   sections = {"regression": regression_bench, "step_cost": step_cost_bench,
               "memory": memory_bench}
-  results: dict[str, Any] = {"quick": quick, "section_wall_s": {}}
+  results: dict[str, Any] = {"quick": quick, "lapack_threads": 1, "section_wall_s": {}}
   for name, bench in sections.items():
     t1 = time.perf_counter()
-    results[name] = bench(quick)
+    with single_threaded_lapack():
+      results[name] = bench(quick)
     results["section_wall_s"][name] = time.perf_counter() - t1
   results["wall_s"] = time.perf_counter() - t0
   path = write_results("sven", results)

@@ -66,6 +66,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optimizers.matrices import check_real_floating, concrete_hyperparameter
+
 __all__ = ["ClipCoordinatewiseState", "clip_coordinatewise", "coordinatewise_threshold"]
 
 _METHODS = ("exact", "bisect")
@@ -121,19 +123,38 @@ def _split_count(m: int | jax.Array) -> tuple[jax.Array, jax.Array]:
   return hi.astype(jnp.int32), (m - hi * _HALF).astype(jnp.int32)
 
 
-def _below(x: jax.Array, t: jax.Array) -> jax.Array:
-  """Indicator of ``|x| < t`` in ``t.dtype`` (0 for NaN), in ops XLA:CPU fuses.
+def _below(x: jax.Array, t: jax.Array, scale: jax.Array) -> jax.Array:
+  """Indicator of ``scale |x| < t`` in ``t.dtype`` (0 for NaN), in ops XLA:CPU fuses.
 
   XLA:CPU does not fuse compares, selects, clamps or int32 converts into a
   reduction; it materialises them (4 bytes per coordinate). So the indicator is
   built from subtract/multiply/max and an int8 convert, which it does fuse:
-  ``d = (t - |x|) / tiny`` is ``>= 1`` when ``|x| < t`` and ``<= 0`` otherwise
-  (exact unless both ``t`` and ``|x|`` are below ``tiny * 2^mantissa_bits``:
-  2^-102 ~ 2e-31 in float32); ``1 - max(1 - max(d, 0), 0)`` maps that to {1, 0}
-  and NaN to NaN, which the int8 convert maps to 0.
+  ``d = (t - scale |x|) / tiny`` is ``>= 1`` when ``scale |x| < t`` and ``<= 0``
+  otherwise (exact unless both ``t`` and ``scale |x|`` are below ``tiny *
+  2^mantissa_bits``: 2^-102 ~ 2e-31 in float32, as XLA:CPU flushes the denormal
+  differences there to zero; :func:`_magnitude_scale` keeps the values that matter
+  above it); ``1 - max(1 - max(d, 0), 0)`` maps that to {1, 0} and NaN to NaN,
+  which the int8 convert maps to 0.
   """
-  d = (t - jnp.abs(x.astype(t.dtype))) * (1 / float(jnp.finfo(t.dtype).tiny))
+  d = (t - jnp.abs(x.astype(t.dtype)) * scale) * (1 / float(jnp.finfo(t.dtype).tiny))
   return (1 - jnp.maximum(1 - jnp.maximum(d, 0), 0)).astype(jnp.int8).astype(t.dtype)
+
+
+def _magnitude_scale(leaves: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
+  """A power of two ``s`` in ``[2^-64, 2^126]`` that brings ``max |g|`` to about ``2^64``.
+
+  Multiplying by ``s`` is exact, and on ``s |g|`` :func:`_below` is exact down to
+  ``max |g| * 2^-166`` instead of ``2^-102`` (gradients of ~1e-31 and below would
+  otherwise be miscounted). ``s = 1`` for a zero or non-finite tree (its NaN/Inf
+  already make the update non-finite).
+  """
+  m = jnp.zeros([], dtype)
+  for x in leaves:
+    m = jnp.maximum(m, jnp.max(jnp.abs(x.astype(dtype)), initial=0))
+  _, exponent = jnp.frexp(m)  # m = f 2^exponent, f in [0.5, 1)
+  power = jnp.clip(64 - exponent, -64, 126)
+  s = jnp.ldexp(jnp.ones([], dtype), power.astype(jnp.int32))
+  return jnp.where(jnp.isfinite(m) & (m > 0), s, jnp.ones([], dtype))
 
 
 def _finite(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -154,7 +175,7 @@ def _exact_sum(indicator: jax.Array) -> jax.Array:
 
 
 def _tree_count(
-    leaves: list[jax.Array], t: jax.Array, count_leaf: Any
+    leaves: list[jax.Array], t: Any, count_leaf: Any
 ) -> tuple[jax.Array, jax.Array]:
   """``sum(count_leaf(x, t))`` over leaves (each an int32 below 2^31) as (high, low)
   int32 halves in base 2^16, exact beyond 2^31 coordinates in all."""
@@ -169,15 +190,22 @@ def _tree_count(
   return hi + (lo >> 16), lo & (_HALF - 1)
 
 
-def _count_at_least(leaves: list[jax.Array], t: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``#{i: |g_i| >= t}``, NaN counting as +inf, one fused pass per leaf."""
-  return _tree_count(leaves, t, lambda x, t: x.size - _exact_sum(_below(x, t)))
-
-
-def _count_clipped(leaves: list[jax.Array], t: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``#{i: g_i finite, |g_i| >= t}``, one fused pass per leaf."""
+def _count_at_least(
+    leaves: list[jax.Array], t: jax.Array, scale: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """``#{i: scale |g_i| >= t}``, NaN counting as +inf, one fused pass per leaf."""
   return _tree_count(
-      leaves, t, lambda x, t: _exact_sum(_finite(x, t.dtype) * (1 - _below(x, t)))
+      leaves, (t, scale), lambda x, ts: x.size - _exact_sum(_below(x, *ts))
+  )
+
+
+def _count_clipped(
+    leaves: list[jax.Array], t: jax.Array, scale: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """``#{i: g_i finite, |g_i| >= t}`` (counted on ``scale |g|``), one fused pass per leaf."""
+  return _tree_count(
+      leaves, (t * scale, scale),
+      lambda x, ts: _exact_sum(_finite(x, ts[0].dtype) * (1 - _below(x, *ts))),
   )
 
 
@@ -221,16 +249,17 @@ def _bisect_threshold(
   if steps is None:
     steps = math.ceil(math.log2(upper))
   m_hi, m_lo = _split_count(k + 1)
+  scale = _magnitude_scale(leaves, dtype)  # the search runs on scale |g| (exactly)
 
   def body(_, interval):
     lo, hi = interval  # invariant: count(lo) >= k + 1 > count(hi)
     mid = lo + (hi - lo) // 2
-    c_hi, c_lo = _count_at_least(leaves, jax.lax.bitcast_convert_type(mid, dtype))
+    c_hi, c_lo = _count_at_least(leaves, jax.lax.bitcast_convert_type(mid, dtype), scale)
     ok = (c_hi > m_hi) | ((c_hi == m_hi) & (c_lo >= m_lo))
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
   lo, _ = jax.lax.fori_loop(0, steps, body, (jnp.zeros([], bits), jnp.array(upper, bits)))
-  return jax.lax.bitcast_convert_type(lo, dtype)
+  return jax.lax.bitcast_convert_type(lo, dtype) / scale
 
 
 def _check_method(method: str, bisect_steps: int | None) -> None:
@@ -241,7 +270,8 @@ def _check_method(method: str, bisect_steps: int | None) -> None:
 
 
 def _check_fraction(fraction: Any) -> None:
-  if _is_concrete(fraction) and not 0 <= fraction < 1:
+  value = concrete_hyperparameter(fraction, "fraction")
+  if value is not None and not np.all((0 <= value) & (value < 1)):
     raise ValueError(f"fraction must be in [0, 1), got fraction={fraction}.")
 
 
@@ -318,8 +348,9 @@ def clip_coordinatewise(
 
   Args:
     fraction: fraction ``k`` of coordinates to clip, in ``[0, 1)``.
-    threshold: a fixed ``tau > 0`` instead of the adaptive one.
-    scale: clipped coordinates become ``sign(g) * tau * scale``; ``> 0``.
+    threshold: a fixed ``tau > 0`` instead of the adaptive one (``inf``: nothing
+      is clipped).
+    scale: clipped coordinates become ``sign(g) * tau * scale``; finite, ``> 0``.
     method: how the adaptive ``tau`` is found: ``"exact"`` (concatenate and sort,
       ``O(N log N)`` and a copy of the tree) or ``"bisect"`` (per-leaf
       reductions, no concatenation; for large or sharded trees).
@@ -348,10 +379,12 @@ def clip_coordinatewise(
         f"fraction={fraction!r}, threshold={threshold!r}."
     )
   _check_fraction(fraction)
-  if _is_concrete(threshold) and not threshold > 0:
+  value = concrete_hyperparameter(threshold, "threshold")
+  if value is not None and not np.all(value > 0):
     raise ValueError(f"threshold must be > 0, got threshold={threshold}.")
-  if _is_concrete(scale) and not scale > 0:
-    raise ValueError(f"scale must be > 0, got scale={scale}.")
+  value = concrete_hyperparameter(scale, "scale")
+  if value is not None and not np.all((value > 0) & np.isfinite(value)):
+    raise ValueError(f"scale must be finite and > 0, got scale={scale}.")
   _check_method(method, bisect_steps)
 
   def init_fn(params: optax.Params) -> ClipCoordinatewiseState:
@@ -366,6 +399,7 @@ def clip_coordinatewise(
       **extra_args: Any,
   ) -> tuple[optax.Updates, ClipCoordinatewiseState]:
     del params, extra_args
+    check_real_floating(updates, owner="clip_coordinatewise")
     leaves = jax.tree.leaves(updates)
     n = sum(x.size for x in leaves)
     if n == 0 or (fraction is not None and _is_concrete(fraction) and fraction == 0):
@@ -389,7 +423,7 @@ def clip_coordinatewise(
       return jnp.where(hit, jnp.sign(xf) * clipped_value, xf).astype(x.dtype)
 
     new_updates = jax.tree.map(clip, updates)
-    num_clipped = _as_float(_count_clipped(leaves, tau))
+    num_clipped = _as_float(_count_clipped(leaves, tau, _magnitude_scale(leaves, dtype)))
     clip_fraction = num_clipped / n
     if enabled is not None:
       tau, clip_fraction = jnp.where(enabled, tau, 0), jnp.where(enabled, clip_fraction, 0)

@@ -76,6 +76,8 @@ __all__ = [
     "soft_spectral_clip",
     "hard_spectral_clip",
     "frobenius_norm",
+    "tree_max_abs",
+    "tree_l2_norm",
     "spectral_clip_matmuls",
 ]
 
@@ -171,6 +173,37 @@ def frobenius_norm(x: jax.Array) -> jax.Array:
   safe = jnp.where(amax > 0, amax, jnp.ones_like(amax))
   y = x / safe
   return amax * jnp.sqrt(jnp.sum(y * y, axis=(-2, -1), keepdims=True))
+
+
+def tree_max_abs(tree: Any) -> jax.Array:
+  """``max |x|`` over all leaves of a pytree, a float32 (or wider) scalar.
+
+  0 for an empty or all-zero tree (zero-size leaves are fine); NaN if a leaf holds
+  a NaN. The scale that makes inner products of whole trees overflow- and
+  underflow-safe (divide by it first).
+  """
+  leaves = jax.tree.leaves(tree)
+  dtype = jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
+  out = jnp.zeros([], dtype)
+  for x in leaves:
+    out = jnp.maximum(out, jnp.max(jnp.abs(x), initial=0).astype(dtype))
+  return out
+
+
+def tree_l2_norm(tree: Any) -> jax.Array:
+  r"""Overflow- and underflow-safe global L2 norm of a pytree.
+
+  :math:`s \, \| x / s \|_2` with ``s = max |x|`` (:func:`tree_max_abs`), so a
+  finite tree gives a finite norm even where ``sum x^2`` would overflow (``|x| ~
+  1e20`` in float32) or underflow to 0 (``|x| ~ 1e-20``); 0 for a zero tree,
+  NaN/Inf for a tree with NaN/Inf.
+  """
+  leaves = jax.tree.leaves(tree)
+  scale = tree_max_abs(leaves)
+  safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+  total = sum((jnp.sum(jnp.square(x.astype(scale.dtype) / safe)) for x in leaves),
+              jnp.zeros([], scale.dtype))
+  return scale * jnp.sqrt(total)
 
 
 def _gershgorin(a: jax.Array) -> jax.Array:
@@ -335,6 +368,8 @@ def orthogonalize(
     Jordan et al., Muon (2024), https://kellerjordan.github.io/posts/muon/
   """
   a, b, c = NS_COEFFS[coeffs] if isinstance(coeffs, str) else coeffs
+  if x.size == 0:  # nothing to orthogonalise (a zero-size axis)
+    return x
   spec = _explicit_spec(x)
   w, transposed = orient_wide(x.astype(_compute_dtype(x)))
   w = _rows_unsharded(w)
@@ -347,11 +382,12 @@ def orthogonalize(
 
 
 def _check_threshold(c: Any) -> None:
-  """ValueError unless ``c > 0`` (skipped for traced values)."""
+  """ValueError unless ``0 < c < inf`` (skipped for traced values)."""
   if isinstance(c, jax.core.Tracer):
     return
-  if not np.all(np.asarray(c, dtype=np.float64) > 0):
-    raise ValueError(f"max_singular_value c must be > 0, got {c}")
+  c64 = np.asarray(c, dtype=np.float64)
+  if not np.all((c64 > 0) & np.isfinite(c64)):
+    raise ValueError(f"max_singular_value c must be finite and > 0, got {c}")
 
 
 def _clip_setup(x: jax.Array, c: Any):
@@ -362,7 +398,7 @@ def _clip_setup(x: jax.Array, c: Any):
   (c^2 I + x x^T) / gamma^2``, so ``K = c (c^2 I + x x^T)^{-1/2} =
   (c / gamma) B^{-1/2}``. Normalising by ``gamma`` keeps ``c^2`` and ``s^2``
   from overflowing for any finite input. Returns ``(w, spec, transposed,
-  ratio, t)`` with ``ratio = c / gamma``.
+  ratio, t, gamma)`` with ``ratio = c / gamma``.
   """
   _check_threshold(c)
   spec = _explicit_spec(x)
@@ -372,12 +408,16 @@ def _clip_setup(x: jax.Array, c: Any):
   gamma = jnp.maximum(c, frobenius_norm(w))
   ratio = c / gamma
   t = jnp.maximum(ratio * ratio, jnp.finfo(w.dtype).tiny)
-  return w, spec, transposed, ratio, t
+  return w, spec, transposed, ratio, t, gamma
 
 
-def _soft_factor(w: jax.Array, c: jax.Array, ratio: jax.Array, t: jax.Array, steps: int):
+def _soft_factor(
+    w: jax.Array, gamma: jax.Array, ratio: jax.Array, t: jax.Array, steps: int
+) -> tuple[jax.Array, jax.Array]:
   """``(z, scale)`` with ``K = c (c^2 I + w w^T)^{-1/2} = scale * z``."""
-  xs = w * (ratio / c)  # w / gamma
+  # Divide by gamma itself: XLA rewrites w * ((c / gamma) / c) as w * (c / (gamma * c)),
+  # and gamma * c overflows for c, ||w|| ~ 1e19 (the clip then silently did nothing).
+  xs = w / gamma
   g = gram(xs)
   g2 = g @ g
   eye = _eye_like(g)
@@ -410,11 +450,12 @@ def soft_spectral_clip(
 
   Args:
     x: array of shape ``(..., m, n)``.
-    c: threshold ``> 0`` (scalar, may be traced).
+    c: threshold, finite and ``> 0`` (scalar, may be traced).
     ns_steps: Newton–Schulz iterations (static).
 
   Returns:
-    Array of the shape and dtype of ``x``; zero input gives zero output.
+    Array of the shape and dtype of ``x``; zero input gives zero output; a
+    zero-size ``x`` is returned as is.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -427,8 +468,11 @@ def soft_spectral_clip(
     Jiang, Semenov, Stich, "SPECTRA: spectral clipping", arXiv 2603.14315,
     https://arxiv.org/abs/2603.14315
   """
-  w, spec, transposed, ratio, t = _clip_setup(x, c)
-  z, scale = _soft_factor(w, jnp.asarray(c, w.dtype), ratio, t, ns_steps)
+  if x.size == 0:  # a zero-size axis: nothing to clip
+    _check_threshold(c)
+    return x
+  w, spec, transposed, ratio, t, gamma = _clip_setup(x, c)
+  z, scale = _soft_factor(w, gamma, ratio, t, ns_steps)
   return _finish(scale * (z @ w), transposed, spec, x.dtype)
 
 
@@ -450,12 +494,13 @@ def hard_spectral_clip(
 
   Args:
     x: array of shape ``(..., m, n)``.
-    c: threshold ``> 0`` (scalar, may be traced).
+    c: threshold, finite and ``> 0`` (scalar, may be traced).
     ns_steps: iterations of the inverse square root of ``c^2 I + X X^T``.
     sign_steps: ``(fast, polish)`` iterations of the matrix sign of ``M``.
 
   Returns:
-    Array of the shape and dtype of ``x``; zero input gives zero output.
+    Array of the shape and dtype of ``x``; zero input gives zero output; a
+    zero-size ``x`` is returned as is.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -469,8 +514,11 @@ def hard_spectral_clip(
     https://arxiv.org/abs/2603.14315
   """
   fast, polish = sign_steps
-  w, spec, transposed, ratio, t = _clip_setup(x, c)
-  z, scale = _soft_factor(w, jnp.asarray(c, w.dtype), ratio, t, ns_steps)
+  if x.size == 0:  # a zero-size axis: nothing to clip
+    _check_threshold(c)
+    return x
+  w, spec, transposed, ratio, t, gamma = _clip_setup(x, c)
+  z, scale = _soft_factor(w, gamma, ratio, t, ns_steps)
   eye = _eye_like(z)
   m = eye - (2.0 * scale * scale) * _sym(z @ z)
   abs_m = _sym(m @ symmetric_sign(m, 1.0, fast_steps=fast, polish_steps=polish))

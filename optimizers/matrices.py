@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax.contrib import GaLoreDimensionNumbers, MuonDimensionNumbers
 
@@ -35,6 +36,11 @@ __all__ = [
     "to_matrix",
     "from_matrix",
     "map_matrices",
+    "leaf_spec",
+    "check_real_floating",
+    "check_tree_match",
+    "reject_masked_nodes",
+    "concrete_hyperparameter",
 ]
 
 
@@ -154,12 +160,18 @@ def resolve_matrix_dims(weight_dimension_numbers: WeightDimensionNumbers, tree: 
   if _is_dims(spec):
     single = as_matrix_dims(spec)
     return jax.tree.map(lambda l: single if getattr(l, "ndim", 0) >= 2 else None, tree)
-  resolved = jax.tree.map(
-      lambda d, _: None if d is None else as_matrix_dims(d),
-      spec,
-      tree,
-      is_leaf=lambda d: d is None or _is_dims(d),
-  )
+  try:
+    resolved = jax.tree.map(
+        lambda d, _: None if d is None else as_matrix_dims(d),
+        spec,
+        tree,
+        is_leaf=lambda d: d is None or _is_dims(d),
+    )
+  except ValueError as e:  # jax's structure mismatch, reworded to name the argument
+    raise ValueError(
+        "weight_dimension_numbers must be None, a MatrixDims, a callable or a pytree of "
+        f"MatrixDims/None with the params' structure; the structures differ: {e}"
+    ) from e
   return resolved
 
 
@@ -183,3 +195,94 @@ def map_matrices(fn: Callable[[jax.Array], jax.Array], tree: Any, dims_tree: Any
     else:
       out.append(from_matrix(fn(to_matrix(x, d)), d, x.shape))
   return treedef.unflatten(out)
+
+
+# ---------------------------------------------------------------------------
+# Input validation shared by every transformation (Python-level, trace-time).
+# ---------------------------------------------------------------------------
+
+
+def leaf_spec(x: Any) -> str:
+  """``dtype[shape]`` of an array or scalar, e.g. ``float32[3, 5]`` (for error messages)."""
+  return f"{jnp.result_type(x).name}{list(jnp.shape(x))}"
+
+
+def _is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def check_real_floating(tree: Any, *, owner: str, name: str = "updates") -> None:
+  """Raises ``TypeError`` unless every leaf of ``tree`` has a real floating dtype.
+
+  The transformations are real-valued: after float32 math an integer leaf would
+  be silently truncated and a complex one would lose its imaginary coupling
+  (inner products without conjugation). ``None`` and ``optax.MaskedNode``
+  leaves are skipped, so the usual remedy, keeping such leaves out with
+  ``optax.masked`` or ``optax.partition``, works.
+
+  Args:
+    tree: the updates or params.
+    owner: the transformation's name, for the message.
+    name: what ``tree`` is, for the message.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"{owner}: {name}{jax.tree_util.keystr(path)} has dtype {dtype.name}; only real "
+          "floating-point leaves (float16, bfloat16, float32, float64) are supported. Keep "
+          "integer or complex leaves out with optax.masked or optax.partition."
+      )
+
+
+def check_tree_match(
+    reference: Any, other: Any, *, owner: str, name: str, reference_name: str = "updates",
+    dtypes: bool = False,
+) -> None:
+  """Raises ``ValueError`` unless ``other`` has ``reference``'s tree and leaf shapes
+  (and dtypes, with ``dtypes=True``); the message names the first mismatching leaf."""
+  expected, got = jax.tree.structure(reference), jax.tree.structure(other)
+  if expected != got:
+    raise ValueError(
+        f"{owner}: {name} must have the same tree structure as the {reference_name}; "
+        f"got {name} {got}, {reference_name} {expected}."
+    )
+  paths = jax.tree_util.tree_flatten_with_path(reference)[0]
+  for (path, r), o in zip(paths, jax.tree.leaves(other), strict=True):
+    if jnp.shape(r) != jnp.shape(o) or (dtypes and jnp.result_type(r) != jnp.result_type(o)):
+      what = "tree, shapes and dtypes" if dtypes else "tree and shapes"
+      raise ValueError(
+          f"{owner}: {name}{jax.tree_util.keystr(path)} is {leaf_spec(o)} but the "
+          f"{reference_name}' leaf is {leaf_spec(r)}; {name} must match the {reference_name} "
+          f"in {what}."
+      )
+
+
+def reject_masked_nodes(tree: Any, *, owner: str, reason: str) -> None:
+  """Raises ``ValueError`` if ``tree`` holds ``optax.MaskedNode`` leaves, i.e. the
+  transformation runs inside ``optax.masked``/``optax.partition`` although it needs
+  the whole tree (``reason`` says why)."""
+  if any(map(_is_masked_node, jax.tree.leaves(tree, is_leaf=_is_masked_node))):
+    raise ValueError(
+        f"{owner} cannot run inside optax.masked or optax.partition: {reason} Apply the "
+        "mask to the transformation chained after it instead."
+    )
+
+
+def concrete_hyperparameter(value: Any, name: str) -> np.ndarray | None:
+  """A hyperparameter's value as a float64 NumPy array when it is known at construction.
+
+  Python numbers and concrete arrays (``optax.inject_hyperparams`` builds the
+  transformation with concrete arrays in ``init``) are returned for validation;
+  ``None`` (unset), traced values and schedules (callables) give ``None``, as they
+  cannot be checked before tracing. A string or other non-numeric value raises
+  ``TypeError`` naming ``name``.
+  """
+  if value is None or callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f"{name} must be a number or a numeric array, got {value!r}")
+  try:
+    return np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{name} must be a number or a numeric array, got {value!r}") from e

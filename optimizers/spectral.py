@@ -33,9 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optimizers.linalg import SIGN_STEPS, SOFT_NS_STEPS, hard_spectral_clip, soft_spectral_clip
+from optimizers.linalg import (
+    SIGN_STEPS,
+    SOFT_NS_STEPS,
+    hard_spectral_clip,
+    soft_spectral_clip,
+    tree_l2_norm,
+)
 from optimizers.matrices import (
     WeightDimensionNumbers,
+    check_real_floating,
     from_matrix,
     matrix_shape,
     resolve_matrix_dims,
@@ -77,8 +84,9 @@ def _is_concrete(x: Any) -> bool:
 def _check_positive(name: str, value: Any) -> None:
   if callable(value) or not _is_concrete(value):
     return
-  if not np.all(np.asarray(value, dtype=np.float64) > 0):
-    raise ValueError(f"{name} must be > 0, got {value!r}")
+  value64 = np.asarray(value, dtype=np.float64)
+  if not np.all((value64 > 0) & np.isfinite(value64)):
+    raise ValueError(f"{name} must be finite and > 0, got {value!r}")
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
@@ -181,28 +189,42 @@ def spectral_clip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
+    check_real_floating(updates, owner="spectral_clip")
     c = max_singular_value(state.count) if callable(max_singular_value) else max_singular_value
     dims_tree = resolve_matrix_dims(
         weight_dimension_numbers, _dims_source(weight_dimension_numbers, updates, params)
     )
     leaves, treedef = jax.tree.flatten(updates)
     dims = treedef.flatten_up_to(dims_tree)
-    out, sq_in, sq_out = [], jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
+    out, clipped_in, clipped_out = [], [], []
     for x, d in zip(leaves, dims, strict=True):
       if d is None:
         out.append(x)
         continue
       y = from_matrix(clip(to_matrix(x, d), c), d, x.shape)
-      sq_in = sq_in + jnp.sum(jnp.square(x.astype(jnp.float32)))
-      sq_out = sq_out + jnp.sum(jnp.square(y.astype(jnp.float32)))
+      clipped_in.append(x)
+      clipped_out.append(y)
       out.append(y)
-    ratio = jnp.where(sq_in > 0, jnp.sqrt(sq_out / jnp.where(sq_in > 0, sq_in, 1.0)), 1.0)
+    # Overflow-safe norms: sum(x^2) would overflow (NaN ratio) for |x| ~ 1e19 in float32.
+    norm_in, norm_out = tree_l2_norm(clipped_in), tree_l2_norm(clipped_out)
+    ratio = jnp.where(norm_in > 0, norm_out / jnp.where(norm_in > 0, norm_in, 1.0), 1.0)
     new_state = SpectralClipState(
         count=optax.safe_increment(state.count), norm_ratio=ratio.astype(jnp.float32)
     )
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _real_floating_updates() -> optax.GradientTransformationExtraArgs:
+  """``optax.identity`` that rejects integer and complex updates (``TypeError``)."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    check_real_floating(updates, owner="spectra_adamw")
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
 def scale_by_shape_factor(
@@ -239,7 +261,7 @@ def scale_by_shape_factor(
     dims = treedef.flatten_up_to(dims_tree)
     out = []
     for x, d in zip(leaves, dims, strict=True):
-      if d is None:
+      if d is None or x.size == 0:
         out.append(x)
         continue
       _, m, n = matrix_shape(x.shape, d)
@@ -399,7 +421,7 @@ def spectra_adamw(
   clip_kw = dict(mode=mode, ns_steps=ns_steps, sign_steps=sign_steps,
                  weight_dimension_numbers=weight_dimension_numbers)
   return optax.chain(
-      spectral_clip(pre_clip, **clip_kw) if pre_clip is not None else optax.identity(),
+      spectral_clip(pre_clip, **clip_kw) if pre_clip is not None else _real_floating_updates(),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
       spectral_clip(threshold, **clip_kw),
       scale_by_shape_factor(weight_dimension_numbers) if shape_factor else optax.identity(),

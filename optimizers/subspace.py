@@ -44,12 +44,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optimizers.linalg import frobenius_norm
 from optimizers.matrices import (
     WeightDimensionNumbers,
+    check_real_floating,
+    concrete_hyperparameter,
     from_matrix,
     matrix_shape,
     resolve_matrix_dims,
@@ -331,8 +335,9 @@ def _check_period(name: str, value: Any) -> None:
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
-  if isinstance(value, (int, float)) and not value >= 0:
-    raise ValueError(f"{name} must be >= 0, got {value!r}")
+  concrete = concrete_hyperparameter(value, name)
+  if concrete is not None and not np.all((concrete >= 0) & np.isfinite(concrete)):
+    raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
 def _mT(x: jax.Array) -> jax.Array:
@@ -340,7 +345,14 @@ def _mT(x: jax.Array) -> jax.Array:
 
 
 def _top_columns(t: jax.Array, r: int, score: str) -> jax.Array:
-  """Sorted int32 indices of the ``r`` columns of ``t`` with the largest scores."""
+  """Sorted int32 indices of the ``r`` columns of ``t`` with the largest scores.
+
+  ``t`` is divided by its largest magnitude per matrix first: the ranking is the
+  same, and ``t * t`` neither underflows to 0 (``|t| ~ 1e-20``, which left every
+  score 0 and the choice arbitrary) nor overflows (``|t| ~ 1e20``) in float32.
+  """
+  amax = jnp.max(jnp.abs(t), axis=(-2, -1), keepdims=True)
+  t = t / jnp.where(amax > 0, amax, jnp.ones_like(amax))
   scores = jnp.sum(t * t if score == "l2" else jnp.abs(t), axis=-2)
   _, idx = jax.lax.top_k(scores, r)
   return jnp.sort(idx, axis=-1).astype(jnp.int32)
@@ -541,7 +553,8 @@ def online_pca_projector(
   * Zero-gradient guard: when ``||G||_F`` is zero or not finite the step is
     skipped (``Q`` and its moments are kept), so ``Q`` never decays to zero on
     a frozen layer and a NaN gradient does not poison it (the NaN still reaches
-    the update through the projection).
+    the update through the projection). ``||G||_F`` is computed overflow- and
+    underflow-safe, so a finite ``G`` of any magnitude takes the same step.
   * Initialisation without an SVD: ``init`` stores the ``r`` lowest-frequency
     DCT-II vectors (orthonormal); at step 0 ``Q`` is replaced by the ``r`` DCT
     vectors with the largest ``l2`` scores for the first gradient (the optimal
@@ -611,7 +624,7 @@ def online_pca_projector(
     return state._replace(basis=_reshard_like(_mT(_dct_rows(idx, g.shape[-1])), state.basis))
 
   def pca_step(g, state, count):
-    norm = jnp.sqrt(jnp.sum(g * g, axis=(-2, -1), keepdims=True))
+    norm = frobenius_norm(g)  # safe for |G| ~ 1e-30 and ~ 1e30 (sum G^2 would under/overflow)
     ok = jnp.isfinite(norm) & (norm > 0)
     safe_norm = jnp.where(ok, norm, 1.0)
     gn = g / safe_norm
@@ -687,7 +700,7 @@ def _plans(tree: Any, weight_dimension_numbers: WeightDimensionNumbers, rank: in
   dims = treedef.flatten_up_to(resolve_matrix_dims(weight_dimension_numbers, tree))
   plans = []
   for x, d in zip(leaves, dims, strict=True):
-    if d is None:
+    if d is None or math.prod(x.shape) == 0:  # a zero-size leaf has nothing to project
       plans.append(None)
       continue
     batch, m, n = matrix_shape(x.shape, d)
@@ -780,6 +793,8 @@ def subspace(
 
   The rank is clamped to ``min(m, n)`` per matrix (at ``r = min(m, n)`` the
   projection onto the smaller side is a full orthonormal change of basis).
+  Leaves with a zero-size axis go to ``inner`` unprojected, an empty tree goes
+  to ``inner`` as is, and integer or complex leaves raise ``TypeError``.
 
   On a refresh (``on_refresh``), the inner state's rank-shaped leaves (the
   moments of projected leaves; other leaves and counters are untouched) are:
@@ -802,7 +817,7 @@ def subspace(
     projector: a :class:`Projector` (``dct_projector``, ``svd_projector``,
       ``online_pca_projector``).
     scale: factor on the back-projected updates of matrix leaves (GaLore's
-      ``alpha``).
+      ``alpha``), finite and ``> 0``.
     weight_dimension_numbers: which axes form the matrices (``None``: the last
       two axes of every leaf with ndim >= 2; a ``MatrixDims`` or optax
       Muon/GaLore dimension numbers for all such leaves; a pytree of those and
@@ -831,8 +846,13 @@ def subspace(
     Modoranu et al., https://arxiv.org/abs/2505.17967;
     Liang et al., Online Subspace Descent, https://arxiv.org/abs/2408.12857
   """
+  if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+    raise TypeError(f"inner must be an optax GradientTransformation, got {inner!r}")
   if not isinstance(projector, Projector):
     raise ValueError(f"projector must be a Projector, got {type(projector).__name__}")
+  value = concrete_hyperparameter(scale, "scale")
+  if value is not None and not np.all((value > 0) & np.isfinite(value)):
+    raise ValueError(f"scale must be finite and > 0, got scale={scale!r}")
   if on_refresh not in _ON_REFRESH:
     raise ValueError(f"on_refresh must be one of {_ON_REFRESH}, got {on_refresh!r}")
   if side not in _SIDES:
@@ -875,7 +895,12 @@ def subspace(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    check_real_floating(updates, owner="subspace")
     count = state.count
+    if not jax.tree.leaves(updates):  # an empty tree: nothing to project
+      inner_updates, inner_state = inner.update(updates, state.inner_state, None)
+      return inner_updates, state._replace(
+          count=optax.safe_int32_increment(count), inner_state=inner_state)
     leaves, treedef, plans = _plans(updates, weight_dimension_numbers, rank, side)
     fields = [treedef.flatten_up_to(f) for f in state.projector_state]
     pstates = [type(state.projector_state)(*f) for f in zip(*fields, strict=True)]

@@ -77,6 +77,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optimizers.matrices import check_real_floating, reject_masked_nodes
+
 __all__ = ["ScaleBySvenState", "scale_by_sven", "sven"]
 
 _METHODS = ("auto", "gram", "svd", "matrix_free")
@@ -262,7 +264,9 @@ def scale_by_sven(
   dtypes. Parameters are upcast to float32 (at least) before ``residual_fn``
   is differentiated; the output has the updates' dtypes. Non-finite residuals
   or Jacobians give a non-finite output (so ``optax.apply_if_finite`` can skip
-  the step); a zero Jacobian gives a zero step.
+  the step); a zero Jacobian gives a zero step. Integer or complex leaves raise
+  ``TypeError``; inside ``optax.masked``/``optax.partition`` (``residual_fn``
+  needs the full params) ``ValueError``; an empty params tree gives an empty step.
 
   Args:
     rank: ``k``, the number of singular directions kept (Python int >= 1).
@@ -324,6 +328,11 @@ def scale_by_sven(
       raise ValueError("scale_by_sven requires the keyword argument residual_fn(params) -> (B,)")
     if params is None:
       raise ValueError("scale_by_sven requires params (residual_fn is differentiated at params)")
+    reject_masked_nodes(params, owner="scale_by_sven", reason="residual_fn needs the full params.")
+    check_real_floating(params, owner="scale_by_sven", name="params")
+    check_real_floating(updates, owner="scale_by_sven")
+    if not jax.tree.leaves(params):  # nothing to optimise: an empty step
+      return updates, state
     params_c = jax.tree.map(lambda p: p.astype(jnp.promote_types(p.dtype, jnp.float32)), params)
     out_shape = jax.eval_shape(residual_fn, params_c)
     if not hasattr(out_shape, "shape") or len(out_shape.shape) != 1 or out_shape.shape[0] < 1:

@@ -169,7 +169,9 @@ def saf(
     * ``init() -> SAFState``;
     * ``record(state, logits, indices, epoch) -> SAFState``: stores the batch's
       logits ``(B, C)`` (stop_gradient, float32) for the examples ``indices``
-      ``(B,)`` (unique within a batch) at epoch ``epoch`` (int >= 0);
+      ``(B,)`` (unique within a batch) at epoch ``epoch`` (int >= 0); indices
+      outside ``[0, N)`` (negative ones included) are dropped, never wrapped or
+      clamped onto another example's row, and ``loss`` does not count them;
     * ``loss(state, logits, indices, epoch) -> scalar``: the regulariser above;
     * ``partition_specs(example_axis) -> SAFState`` of ``PartitionSpec``\ s
       sharding the example axis over ``example_axis`` (a mesh axis name or
@@ -207,6 +209,8 @@ def saf(
       raise ValueError(f"logits must have shape (batch, {num_classes}), got {logits.shape}.")
     if indices.shape != logits.shape[:1]:
       raise ValueError(f"indices must have shape {logits.shape[:1]}, got {indices.shape}.")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+      raise TypeError(f"indices must be integers, got dtype {indices.dtype}.")
 
   def init_fn() -> SAFState:
     return SAFState(
@@ -214,11 +218,20 @@ def saf(
         epochs=jnp.full((slots, num_examples), _NEVER, jnp.int32),
     )
 
+  def in_range(indices: jax.Array) -> jax.Array:
+    """``indices`` with every entry outside ``[0, N)`` (negative ones included) mapped to
+    ``N``: out of bounds, so reads fill and writes drop instead of aliasing another row."""
+    return jnp.where((indices >= 0) & (indices < num_examples), indices, num_examples)
+
   def read(state: SAFState, logits: jax.Array, indices: jax.Array, epoch: jax.Array):
-    """The rows of epoch - lag for ``indices``: (past logits, their epoch tags)."""
+    """The rows of epoch - lag for ``indices``: (past logits, their epoch tags); an index
+    outside ``[0, N)`` reads a row never written."""
     slot = (epoch - lag) % slots
-    past = state.logits.at[slot, indices].get(out_sharding=jax.typeof(logits).sharding)
-    tags = state.epochs.at[slot, indices].get(out_sharding=jax.typeof(indices).sharding)
+    indices = in_range(indices)
+    past = state.logits.at[slot, indices].get(
+        mode="fill", fill_value=0, out_sharding=jax.typeof(logits).sharding)
+    tags = state.epochs.at[slot, indices].get(
+        mode="fill", fill_value=_NEVER, out_sharding=jax.typeof(indices).sharding)
     return past, tags
 
   def record_fn(state: SAFState, logits: jax.Array, indices: jax.Array, epoch: Any) -> SAFState:
@@ -237,11 +250,12 @@ def saf(
     tags = jnp.where(past_tags == tags, past_tags, tags)
     # Explicit out_shardings keep the buffer's sharding (and are required under
     # Explicit mesh axes); the scatter stays local to each example shard.
+    indices = in_range(indices)  # rows outside [0, N) are dropped
     return SAFState(
         logits=state.logits.at[slot, indices].set(
-            values, out_sharding=jax.typeof(state.logits).sharding),
+            values, mode="drop", out_sharding=jax.typeof(state.logits).sharding),
         epochs=state.epochs.at[slot, indices].set(
-            tags, out_sharding=jax.typeof(state.epochs).sharding),
+            tags, mode="drop", out_sharding=jax.typeof(state.epochs).sharding),
     )
 
   def loss_fn(state: SAFState, logits: jax.Array, indices: jax.Array, epoch: Any) -> jax.Array:

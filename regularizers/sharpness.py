@@ -69,7 +69,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from optimizers.linalg import tree_l2_norm
+from optimizers.matrices import (
+    check_real_floating,
+    check_tree_match,
+    concrete_hyperparameter,
+    reject_masked_nodes,
+)
 
 __all__ = ["SAMState", "sam", "sam_perturbation", "m_sharpness_gradient"]
 
@@ -93,11 +102,14 @@ def _is_concrete(x: Any) -> bool:
 
 
 def _check_config(rho: Any, eta: Any, p: Any) -> None:
-  if _is_concrete(rho) and not rho >= 0:
-    raise ValueError(f"rho must be >= 0, got rho={rho}.")
-  if _is_concrete(eta) and not eta >= 0:
-    raise ValueError(f"eta must be >= 0, got eta={eta}.")
-  if _is_concrete(p) and not p > 1:
+  value = concrete_hyperparameter(rho, "rho")
+  if value is not None and not np.all((value >= 0) & np.isfinite(value)):
+    raise ValueError(f"rho must be finite and >= 0, got rho={rho}.")
+  value = concrete_hyperparameter(eta, "eta")
+  if value is not None and not np.all((value >= 0) & np.isfinite(value)):
+    raise ValueError(f"eta must be finite and >= 0, got eta={eta}.")
+  value = concrete_hyperparameter(p, "p")
+  if value is not None and not np.all(value > 1):
     raise ValueError(f"p must be > 1 (2 or math.inf are the usual choices), got p={p}.")
 
 
@@ -131,11 +143,11 @@ def _perturbation(
 ) -> tuple[Any, jax.Array]:
   """Returns ``(e, ||g||_2)``, ``e`` in float32 under stop_gradient."""
   g = _f32(grads)
-  g_norm = optax.tree.norm(g)
+  g_norm = tree_l2_norm(g)  # safe for |g| ~ 1e-30 and ~ 1e30 (sum g^2 would under/overflow)
   if adaptive:
     t = jax.tree.map(lambda w: jnp.abs(_f32(w)) + eta, params)
     tg = jax.tree.map(jnp.multiply, t, g)
-    d = _dual_direction(tg, optax.tree.norm(tg), p)
+    d = _dual_direction(tg, tree_l2_norm(tg), p)
     e = jax.tree.map(lambda t_, d_: rho * t_ * d_, t, d)
   else:
     e = jax.tree.map(lambda d_: rho * d_, _dual_direction(g, g_norm, p))
@@ -210,11 +222,16 @@ def sam(
   FIRST: ``optax.chain(sam(0.05), optax.sgd(...))``. A zero gradient gives
   ``e = 0`` (plain gradient); ``rho = 0`` returns ``grad_fn(params)``. A
   non-finite incoming gradient makes the whole output NaN, so that
-  ``optax.apply_if_finite`` skips the step. The state holds no parameter-sized
-  arrays. See the module docstring for m-sharpness and the BatchNorm/dropout
-  pattern. Under ``optax.MultiSteps`` the perturbation comes from the
-  accumulated gradient, and ``grad_fn`` is evaluated once, with the batch of the
-  call that completes the accumulation. Sharpness diagnostics:
+  ``optax.apply_if_finite`` skips the step; finite gradients of any magnitude
+  (1e-30 to 1e30) give the same ``e`` (the global norm is computed on the
+  gradient divided by its largest entry). The state holds no parameter-sized
+  arrays. ``params`` and ``grad_fn``'s output must match the updates' tree and
+  shapes, leaves must be real floating point (``TypeError`` otherwise), and
+  ``sam`` cannot run inside ``optax.masked``/``optax.partition`` (``grad_fn``
+  needs the full params: ``ValueError``). See the module docstring for
+  m-sharpness and the BatchNorm/dropout pattern. Under ``optax.MultiSteps`` the
+  perturbation comes from the accumulated gradient, and ``grad_fn`` is evaluated
+  once, with the batch of the call that completes the accumulation. Sharpness diagnostics:
   ``hessian_top_eigenvalue`` and ``directional_sharpness`` (re-exported here
   from ``optimizers``).
 
@@ -269,12 +286,17 @@ def sam(
       raise ValueError("sam: update requires the keyword argument grad_fn(params) -> grads.")
     if params is None:
       raise ValueError("sam: update requires params (the point to perturb).")
+    reject_masked_nodes(params, owner="sam", reason="grad_fn needs the full params.")
+    check_real_floating(updates, owner="sam")
+    check_real_floating(params, owner="sam", name="params")
+    check_tree_match(updates, params, owner="sam", name="params")
     e, g_norm = _perturbation(updates, params, rho, adaptive, eta, p)
     sam_grads = grad_fn(_perturb(params, e))
     expected, got = jax.tree.structure(updates), jax.tree.structure(sam_grads)
     if expected != got:
       raise ValueError(
           f"sam: grad_fn returned a tree {got}, expected the updates' tree {expected}.")
+    check_tree_match(updates, sam_grads, owner="sam", name="grad_fn(params)")
     finite = jnp.isfinite(g_norm)
     new_updates = jax.tree.map(
         lambda s, u: jnp.where(finite, s.astype(u.dtype), jnp.nan).astype(u.dtype),

@@ -49,7 +49,10 @@ weights, ``g - <g, w>/||w||^2 w``, which blocks the naive logit-scaling
 direction behind softmax collapse.
 
 Numerics: everything is computed in float32 (float64 for float64 inputs), the
-outputs have the updates' dtypes, Bloop's EMA is float32. Zero gradients and
+outputs have the updates' dtypes, Bloop's EMA is float32. Inner products are
+taken between trees divided by their largest magnitude and rescaled after, so
+gradients as small as 1e-30 or as large as 1e30 neither underflow nor overflow
+(a plain ``sum(g * g)`` does, past ~1e-19 and ~1e19 in float32). Zero gradients and
 zero EMA / weights are guarded (the corresponding projection is skipped), so
 they never give NaN; with the EMA at zero (Bloop's first step with the default
 ``ema_order="before"``) Bloop is exactly the mixed direction. As the projection
@@ -69,7 +72,10 @@ also wrap the optimizer after the surgery::
       optax.chain(bloop(0.1), optax.apply_if_finite(optax.adam(1e-3), 10)), 10)
 
 With ``optax.MultiSteps``, only the ``aux_grads`` of the last micro-step reach
-the transform: accumulate the auxiliary gradient yourself.
+the transform: accumulate the auxiliary gradient yourself. Inside
+``optax.masked``/``optax.partition`` pass the full ``aux_grads``: it is masked
+like the updates, and the surgery (with its global inner products) runs over the
+unmasked leaves only. Integer or complex leaves raise ``TypeError``.
 
 References:
   Hsieh, Thornton, Ndiaye, Klein, Cuturi, Ablin, `Careful with that Scalpel:
@@ -89,13 +95,21 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from optimizers.linalg import tree_max_abs
+from optimizers.matrices import (
+    check_real_floating,
+    check_tree_match,
+    concrete_hyperparameter,
+    leaf_spec,
+)
 
 __all__ = [
     "BloopState",
@@ -187,39 +201,46 @@ class DynamicBarrierState(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
-def _is_concrete(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _check_aux_weight(aux_weight: Any) -> None:
-  if _is_concrete(aux_weight) and not aux_weight >= 0:
-    raise ValueError(f"aux_weight must be >= 0, got aux_weight={aux_weight}.")
+  value = concrete_hyperparameter(aux_weight, "aux_weight")
+  if value is not None and not np.all((value >= 0) & np.isfinite(value)):
+    raise ValueError(f"aux_weight must be finite and >= 0, got aux_weight={aux_weight}.")
 
 
-def _spec(x: Any) -> str:
-  return f"{jnp.result_type(x).name}{list(jnp.shape(x))}"
+def _is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
 
-def _check_aux_grads(name: str, updates: Any, aux_grads: Any) -> None:
-  """``aux_grads`` present and matching ``updates`` leaf by leaf (tree, shape, dtype)."""
+def _mask_like(updates: Any, aux_grads: Any) -> Any:
+  """``aux_grads`` with ``optax.MaskedNode`` wherever ``updates`` has one.
+
+  Inside ``optax.masked``/``optax.partition`` the updates hold ``MaskedNode``
+  leaves while the caller passes the full ``aux_grads``; the masked leaves are
+  dropped so that the surgery (and its global inner products) runs over the
+  unmasked leaves only. Trees that do not line up are returned unchanged (and
+  rejected by :func:`_check_aux_grads`).
+  """
+  if not any(map(_is_masked_node, jax.tree.leaves(updates, is_leaf=_is_masked_node))):
+    return aux_grads
+  try:
+    return jax.tree.map(lambda u, a: u if _is_masked_node(u) else a, updates, aux_grads,
+                        is_leaf=_is_masked_node)
+  except (ValueError, TypeError):
+    return aux_grads
+
+
+def _check_aux_grads(name: str, updates: Any, aux_grads: Any) -> Any:
+  """``aux_grads`` present and matching ``updates`` leaf by leaf (tree, shape, dtype);
+  returns it masked like ``updates`` (see :func:`_mask_like`)."""
   if aux_grads is None:
     raise ValueError(
         f"{name}: update requires the keyword argument aux_grads (the gradient of the "
         "auxiliary loss, same tree, shapes and dtypes as the updates)."
     )
-  expected, got = jax.tree.structure(updates), jax.tree.structure(aux_grads)
-  if expected != got:
-    raise ValueError(
-        f"{name}: aux_grads must have the same tree structure as the updates; "
-        f"got aux_grads {got}, updates {expected}."
-    )
-  paths = jax.tree_util.tree_flatten_with_path(updates)[0]
-  for (path, u), a in zip(paths, jax.tree.leaves(aux_grads), strict=True):
-    if jnp.shape(u) != jnp.shape(a) or jnp.result_type(u) != jnp.result_type(a):
-      raise ValueError(
-          f"{name}: aux_grads{jax.tree_util.keystr(path)} is {_spec(a)} but the updates' "
-          f"leaf is {_spec(u)}; aux_grads must match the updates in tree, shapes and dtypes."
-      )
+  check_real_floating(updates, owner=name)
+  aux_grads = _mask_like(updates, aux_grads)
+  check_tree_match(updates, aux_grads, owner=name, name="aux_grads", dtypes=True)
+  return aux_grads
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -248,9 +269,26 @@ def _tree_vdot(x: Any, y: Any) -> jax.Array:
   return sum(jax.tree.leaves(jax.tree.map(_vdot, x, y)), jnp.zeros([], jnp.float32))
 
 
-def _main_aux_dots(g: Any, a: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(<g, a>, ||g||^2, ||a||^2)``, global over the tree."""
-  return _tree_vdot(g, a), _tree_vdot(g, g), _tree_vdot(a, a)
+def _unit(tree: Any) -> tuple[jax.Array, Any]:
+  """``(s, tree / s)`` with ``s = max |x|`` over the tree (1 for a zero tree).
+
+  Inner products of the scaled trees neither overflow (``|x| ~ 1e20`` squares past
+  float32's range) nor underflow (``|x| ~ 1e-20`` squares to 0), so the surgery is
+  exact up to rounding for any finite input; a NaN or Inf still propagates.
+  """
+  s = tree_max_abs(tree)
+  s = jnp.where(s > 0, s, jnp.ones_like(s))
+  return s, jax.tree.map(lambda x: x / s, tree)
+
+
+def _main_aux_dots(g: Any, a: Any) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """``((<g^, a^>, ||g^||^2, ||a^||^2), (s_g, s_a))``, global over the tree, for the
+  max-scaled ``g^ = g / s_g`` and ``a^ = a / s_a`` (see :func:`_unit`):
+  ``<g, a> / ||g||^2 = (s_a / s_g) <g^, a^> / ||g^||^2``."""
+  s_g, g_hat = _unit(g)
+  s_a, a_hat = _unit(a)
+  dots = _tree_vdot(g_hat, a_hat), _tree_vdot(g_hat, g_hat), _tree_vdot(a_hat, a_hat)
+  return dots, (s_g, s_a)
 
 
 def _combine(updates: Any, g: Any, a: Any, cg: jax.Array, ca: jax.Array) -> Any:
@@ -315,10 +353,12 @@ def bloop(
     EMA <https://arxiv.org/abs/2402.02998>`_, ICML 2024.
   """
   _check_aux_weight(aux_weight)
-  if _is_concrete(decay) and not 0 <= decay < 1:
+  value = concrete_hyperparameter(decay, "decay")
+  if value is not None and not np.all((0 <= value) & (value < 1)):
     raise ValueError(f"decay must be in [0, 1), got decay={decay}.")
-  if _is_concrete(eps) and not eps >= 0:
-    raise ValueError(f"eps must be >= 0, got eps={eps}.")
+  value = concrete_hyperparameter(eps, "eps")
+  if value is not None and not np.all((value >= 0) & np.isfinite(value)):
+    raise ValueError(f"eps must be finite and >= 0, got eps={eps}.")
   if projection not in _PROJECTIONS:
     raise ValueError(f"projection must be one of {_PROJECTIONS}, got projection={projection!r}.")
   if ema_order not in _EMA_ORDERS:
@@ -339,7 +379,7 @@ def bloop(
       **extra_args: Any,
   ) -> tuple[optax.Updates, BloopState]:
     del params, extra_args
-    _check_aux_grads("bloop", updates, aux_grads)
+    aux_grads = _check_aux_grads("bloop", updates, aux_grads)
     g = jax.tree.map(_f32, updates)
     a = jax.tree.map(_f32, aux_grads)
     # Hyperparameters as float32 arrays first, so that Python floats and the
@@ -349,26 +389,33 @@ def bloop(
         lambda n, m: n.astype(m.dtype), optax.tree.update_moment(g, state.ema, beta, 1),
         state.ema)
     m = state.ema if ema_order == "before" else new_ema
+    # Inner products of the max-scaled trees a = s_a a^, m = s_m m^ (see _unit): the
+    # removed multiple of m is (s_a / s_m) r^ with r^ = <a^, m^> / (||m^||^2 + eps / s_m^2),
+    # i.e. the projection is s_a r^ m^.
+    s_a, a_hat = _unit(a)
+    s_m, m_hat = _unit(m)
+    # (XLA may rewrite eps / s / s as eps / (s * s), which is 0 / 0 when s^2 underflows.)
+    eps_hat = jnp.where(epsilon > 0, epsilon / s_m / s_m, jnp.zeros_like(s_m))
     if projection == "global":
-      am, mm = _tree_vdot(a, m), _tree_vdot(m, m)
-      ratio = am / _nonzero(mm + epsilon)
+      am, mm = _tree_vdot(a_hat, m_hat), _tree_vdot(m_hat, m_hat)
+      ratio = am / _nonzero(mm + eps_hat)
       ratios = jax.tree.map(lambda _: ratio, m)
       projection_ratio = ratio
     else:
-      am_l = jax.tree.map(_vdot, a, m)
-      mm_l = jax.tree.map(_vdot, m, m)
-      ratios = jax.tree.map(lambda x, y: x / _nonzero(y + epsilon), am_l, mm_l)
+      am_l = jax.tree.map(_vdot, a_hat, m_hat)
+      mm_l = jax.tree.map(_vdot, m_hat, m_hat)
+      ratios = jax.tree.map(lambda x, y: x / _nonzero(y + eps_hat), am_l, mm_l)
       am, mm = optax.tree.sum(am_l), optax.tree.sum(mm_l)
       projection_ratio = _tree_vdot(ratios, mm_l) / _nonzero(mm)
-    aa = _tree_vdot(a, a)
+    aa = _tree_vdot(a_hat, a_hat)
     direction = jax.tree.map(
-        lambda u, x, y, z, r: (x + lam * (y - r * z)).astype(u.dtype),
-        updates, g, a, m, ratios,
+        lambda u, x, y, z, r: (x + lam * (y - (r * s_a) * z)).astype(u.dtype),
+        updates, g, a, m_hat, ratios,
     )
     new_state = BloopState(
         ema=new_ema,
         aux_cosine=_cosine(am, aa, mm),
-        projection_ratio=jnp.asarray(projection_ratio, jnp.float32),
+        projection_ratio=jnp.asarray(projection_ratio * (s_a / s_m), jnp.float32),
     )
     return direction, new_state
 
@@ -418,12 +465,12 @@ def mixed(aux_weight: float | jax.Array) -> optax.GradientTransformationExtraArg
       **extra_args: Any,
   ) -> tuple[optax.Updates, MixedState]:
     del params, extra_args, state
-    _check_aux_grads("mixed", updates, aux_grads)
+    aux_grads = _check_aux_grads("mixed", updates, aux_grads)
     g = jax.tree.map(_f32, updates)
     a = jax.tree.map(_f32, aux_grads)
     lam = jnp.asarray(aux_weight, jnp.float32)
     direction = _combine(updates, g, a, jnp.ones_like(lam), lam)
-    return direction, MixedState(main_aux_cosine=_cosine(*_main_aux_dots(g, a)))
+    return direction, MixedState(main_aux_cosine=_cosine(*_main_aux_dots(g, a)[0]))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -477,14 +524,15 @@ def pcgrad(aux_weight: float | jax.Array) -> optax.GradientTransformationExtraAr
       **extra_args: Any,
   ) -> tuple[optax.Updates, PCGradState]:
     del params, extra_args, state
-    _check_aux_grads("pcgrad", updates, aux_grads)
+    aux_grads = _check_aux_grads("pcgrad", updates, aux_grads)
     g = jax.tree.map(_f32, updates)
     a = jax.tree.map(_f32, aux_grads)
-    ga, gg, aa = _main_aux_dots(g, a)
+    (ga, gg, aa), (s_g, s_a) = _main_aux_dots(g, a)
     conflict = ga < 0
     zero = jnp.zeros_like(ga)
-    a_in_g = jnp.where(conflict, ga / _nonzero(aa), zero)  # pi(g; a) = g - a_in_g a
-    g_in_a = jnp.where(conflict, ga / _nonzero(gg), zero)  # pi(a; g) = a - g_in_a g
+    # pi(g; a) = g - a_in_g a and pi(a; g) = a - g_in_a g, from the scaled dots.
+    a_in_g = jnp.where(conflict, ga / _nonzero(aa) * (s_g / s_a), zero)
+    g_in_a = jnp.where(conflict, ga / _nonzero(gg) * (s_a / s_g), zero)
     lam = jnp.asarray(aux_weight, jnp.float32)
     direction = _combine(updates, g, a, 1 - lam * g_in_a, lam - a_in_g)
     return direction, PCGradState(main_aux_cosine=_cosine(ga, gg, aa))
@@ -541,12 +589,12 @@ def dynamic_barrier(aux_weight: float | jax.Array) -> optax.GradientTransformati
       **extra_args: Any,
   ) -> tuple[optax.Updates, DynamicBarrierState]:
     del params, extra_args, state
-    _check_aux_grads("dynamic_barrier", updates, aux_grads)
+    aux_grads = _check_aux_grads("dynamic_barrier", updates, aux_grads)
     g = jax.tree.map(_f32, updates)
     a = jax.tree.map(_f32, aux_grads)
-    ga, gg, aa = _main_aux_dots(g, a)
+    (ga, gg, aa), (s_g, s_a) = _main_aux_dots(g, a)
     lam = jnp.asarray(aux_weight, jnp.float32)
-    mu = jnp.maximum(1 - lam * ga / _nonzero(gg), 0)
+    mu = jnp.maximum(1 - lam * (ga / _nonzero(gg) * (s_a / s_g)), 0)
     direction = _combine(updates, g, a, mu, lam * jnp.ones_like(mu))
     new_state = DynamicBarrierState(
         main_aux_cosine=_cosine(ga, gg, aa), main_weight=mu.astype(jnp.float32))
@@ -606,14 +654,21 @@ def perp_grad() -> optax.GradientTransformationExtraArgs:
     del extra_args, state
     if params is None:
       raise ValueError("perp_grad: update requires params (the weights to project off).")
+    check_real_floating(updates, owner="perp_grad")
+    check_real_floating(params, owner="perp_grad", name="params")
+    check_tree_match(updates, params, owner="perp_grad", name="params")
     g = jax.tree.map(_f32, updates)
-    w = jax.tree.map(_f32, params)
-    gw = jax.tree.map(_vdot, g, w)
-    coefs = jax.tree.map(lambda x, ww: x / _nonzero(ww), gw, jax.tree.map(_vdot, w, w))
+    # Scaled inner products (see _unit): g = s_g g^ (global scale), w_l = s_l w^_l (per
+    # leaf), c_l = <g^_l, w^_l> / ||w^_l||^2, and <g_l, w_l> w_l / ||w_l||^2 = s_g c_l w^_l.
+    s_g, g_hat = _unit(g)
+    w_units = [_unit(_f32(w)) for w in jax.tree.leaves(params)]
+    w_hat = jax.tree.structure(params).unflatten([w for _, w in w_units])
+    gw = jax.tree.map(_vdot, g_hat, w_hat)
+    coefs = jax.tree.map(lambda x, ww: x / _nonzero(ww), gw, jax.tree.map(_vdot, w_hat, w_hat))
     direction = jax.tree.map(
-        lambda u, x, y, c: (x - c * y).astype(u.dtype), updates, g, w, coefs)
-    removed = _tree_vdot(coefs, gw)  # sum_l <g_l, w_l>^2 / ||w_l||^2
-    radial_fraction = (removed / _nonzero(_tree_vdot(g, g))).astype(jnp.float32)
+        lambda u, x, y, c: (x - (c * s_g) * y).astype(u.dtype), updates, g, w_hat, coefs)
+    removed = _tree_vdot(coefs, gw)  # sum_l <g^_l, w_l>^2 / ||w_l||^2
+    radial_fraction = (removed / _nonzero(_tree_vdot(g_hat, g_hat))).astype(jnp.float32)
     return direction, PerpGradState(radial_fraction=radial_fraction)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -686,7 +741,7 @@ def main_and_aux_grads(
     raise ValueError(
         "main_and_aux_grads: loss_fn must return a pair (main_loss, aux_loss) of scalars"
         + (" and data (has_aux=True)" if has_aux else "")
-        + f"; got {jax.tree.map(_spec, losses)}."
+        + f"; got {jax.tree.map(leaf_spec, losses)}."
     )
   main_loss, aux_loss = losses
   pair_def = jax.tree.structure(losses)

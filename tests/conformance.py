@@ -293,8 +293,10 @@ def test_inject_hyperparams_identical(case):
   injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**case.kwargs)
   plain_updates, _ = run_steps(case.make(), params, 3)
   injected_updates, _ = run_steps(injected, params, 3)
-  for a, b in zip(plain_updates, injected_updates, strict=False):
-    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+  # Traced vs constant-folded hyperparameters reorder float32 rounding; SAM amplifies it through
+  # grad_fn at the perturbed point (seen: 3.6e-5 relative on one of 48 entries).
+  for a, b in zip(plain_updates, injected_updates, strict=True):
+    chex.assert_trees_all_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @cases

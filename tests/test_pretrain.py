@@ -22,7 +22,10 @@ def test_each_optimizer_trains_sharded_with_stacked_layers(name):
   assert losses[-1] != losses[0]
 
 
-@pytest.mark.parametrize("name,scan", [("adamw", False), ("dct_adamw", True), ("bloop", True), ("mesa", True)])
+RESUME_CASES = [("adamw", False), ("dct_adamw", True), ("bloop", True), ("mesa", True)]
+
+
+@pytest.mark.parametrize("name,scan", RESUME_CASES)
 def test_resume_reproduces_uninterrupted_run(name, scan, tmp_path):
   model = GPTConfig(**{**SMALL.__dict__, "scan_layers": scan})
   full = run(_config(optimizer=name, steps=6, model=model))
