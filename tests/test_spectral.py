@@ -446,7 +446,9 @@ def test_threshold_schedule_linear_warmup_from_zero_and_no_warmup():
         ({"warmup_steps": 2.0}, "warmup_steps"),
         ({"learning_rate": LR, "warmup_steps": -1}, "warmup_steps"),
     ],
-    ids=str,
+    # Stable ids (a function's repr holds its address, which differs between xdist workers).
+    ids=lambda v: v if isinstance(v, str) else ",".join(
+        f"{k}={'schedule' if callable(x) else x}" for k, x in v.items()),
 )
 def test_spectra_adamw_bad_input(kwargs, match):
   kwargs = {"learning_rate": 1e-3, **kwargs}
