@@ -543,5 +543,5 @@ def spectral_clip_matmuls(
   if mode == "soft":
     return soft
   fast, polish = sign_steps
-  extra = 1 + (3 * fast + 2 * polish) + 1 + (3 * _ABS_STEPS - 2) + 1
+  extra = 1 + (3 * fast + 2 * polish) + (3 * _ABS_STEPS - 2) + 1
   return soft + extra * square
