@@ -192,23 +192,28 @@ def block_matrix_dims(params: Any) -> Any:
 def memory_bench(quick: bool) -> dict:
   params = gpt_small_shapes(layers=2 if quick else 12)
   rank = 128
-  dims = block_matrix_dims(params)
-  txs = {
-      "adamw": optax.adamw(1e-3),
-      "galore": optax.contrib.galore(1e-3, rank=rank, weight_dimension_numbers=dims),
-      "dct_adamw": opt.dct_adamw(1e-3, rank, weight_dimension_numbers=dims),
-      "dct_adamw_larger_side": opt.dct_adamw(1e-3, rank, side="larger",
-                                             weight_dimension_numbers=dims),
-      "online_subspace_descent": opt.online_subspace_descent(
-          1e-3, rank, weight_dimension_numbers=dims),
-  }
+
+  def make_txs(tree: Any) -> dict:
+    dims = block_matrix_dims(tree)
+    return {
+        "adamw": optax.adamw(1e-3),
+        "galore": optax.contrib.galore(1e-3, rank=rank, weight_dimension_numbers=dims),
+        "dct_adamw": opt.dct_adamw(1e-3, rank, weight_dimension_numbers=dims),
+        "dct_adamw_larger_side": opt.dct_adamw(1e-3, rank, side="larger",
+                                               weight_dimension_numbers=dims),
+        "online_subspace_descent": opt.online_subspace_descent(
+            1e-3, rank, weight_dimension_numbers=dims),
+    }
+
+  blocks = {"blocks": params["blocks"]}  # the projected part of the tree
+  txs, blocks_txs = make_txs(params), make_txs(blocks)
   param_bytes = tree_bytes(params)
   block_bytes = tree_bytes(params["blocks"])
   rows = []
   galore_projector = None
   for name, tx in txs.items():
     state = jax.eval_shape(tx.init, params)
-    blocks_only = jax.eval_shape(tx.init, {"blocks": params["blocks"]})  # projected part
+    blocks_only = jax.eval_shape(blocks_txs[name].init, blocks)
     if name == "galore":
       projector = tree_bytes(state[0].projector)
       galore_projector = projector
