@@ -18,13 +18,18 @@ Output: a table, and ``bench/results/clipping.json``.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import compiled_memory, print_table, time_fn, tree_bytes, write_results
+from bench.common import (
+  command_line,
+  compiled_memory,
+  print_table,
+  time_fn,
+  tree_bytes,
+  write_results,
+)
 from optimizers import clip_coordinatewise, coordinatewise_threshold
 
 FRACTION = 0.1
@@ -105,6 +110,4 @@ def main(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--quick", action="store_true", help="~10^6 coordinates")
-  main(quick=parser.parse_args().quick)
+  command_line(main, __doc__)

@@ -21,7 +21,6 @@ SAM update, no parameter-sized array in SAM's state; SAF <= 1.05x, MESA <= 1.4x.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +32,7 @@ import optax
 
 import regularizers as reg
 from bench import lm
-from bench.common import block, print_table, time_fn, tree_bytes, write_results
+from bench.common import block, command_line, print_table, time_fn, tree_bytes, write_results
 
 RHO = 0.05
 
@@ -284,6 +283,4 @@ def main(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
-  main(quick=parser.parse_args().quick)
+  command_line(main, __doc__)

@@ -29,7 +29,6 @@ Output: a table, and ``bench/results/spectral.json``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -40,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import block, matmul_flops_per_second, print_table, write_results
+from bench.common import block, command_line, matmul_flops_per_second, print_table, write_results
 from optimizers import hard_spectral_clip, soft_spectral_clip
 from optimizers.linalg import SIGN_STEPS, SOFT_NS_STEPS, spectral_clip_matmuls
 
@@ -170,6 +169,4 @@ def main(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--quick", action="store_true", help="64x64 and 64x256 only")
-  main(quick=parser.parse_args().quick)
+  command_line(main, __doc__)

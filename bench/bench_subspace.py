@@ -27,7 +27,6 @@ within the seed spread.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -41,7 +40,14 @@ from optax.contrib import GaLoreDimensionNumbers
 
 import optimizers as opt
 from bench import lm
-from bench.common import block, print_table, tree_bytes, write_results
+from bench.common import (
+    block,
+    command_line,
+    print_table,
+    run_sections,
+    tree_bytes,
+    write_results,
+)
 
 
 def round_robin(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -340,21 +346,13 @@ def quality_bench(quick: bool) -> dict:
 
 
 def main(quick: bool = False) -> dict:
-  t0 = time.perf_counter()
   sections = {"dct_methods": dct_method_bench, "refresh": refresh_bench, "step": step_bench,
               "lm_step": lm_step_bench, "memory": memory_bench, "quality": quality_bench}
-  results: dict[str, Any] = {"section_wall_s": {}}
-  for name, bench in sections.items():
-    t1 = time.perf_counter()
-    results[name] = bench(quick)
-    results["section_wall_s"][name] = time.perf_counter() - t1
-  results["wall_s"] = time.perf_counter() - t0
+  results = run_sections(sections, quick, {})
   path = write_results("subspace", results)
   print(f"\nwrote {path} ({results['wall_s']:.0f} s)")
   return results
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="small shapes, < 60 s")
-  main(parser.parse_args().quick)
+  command_line(main, __doc__)

@@ -31,7 +31,6 @@ the same run. Target: surgery <= 5% of a training step.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 from collections.abc import Callable
@@ -45,13 +44,14 @@ from flax import nnx
 import regularizers as reg
 from bench import lm
 from bench.common import (
-    block,
-    compiled_memory,
-    matmul_flops_per_second,
-    print_table,
-    time_fn,
-    tree_bytes,
-    write_results,
+  block,
+  command_line,
+  compiled_memory,
+  matmul_flops_per_second,
+  print_table,
+  time_fn,
+  tree_bytes,
+  write_results,
 )
 
 LAM = 0.1
@@ -375,6 +375,4 @@ def main(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
-  main(quick=parser.parse_args().quick)
+  command_line(main, __doc__)

@@ -45,7 +45,6 @@ wall time.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import math
@@ -62,7 +61,14 @@ from threadpoolctl import threadpool_limits
 
 import optimizers as opt
 from bench.bench_subspace import round_robin
-from bench.common import compiled_memory, print_table, tree_bytes, write_results
+from bench.common import (
+    command_line,
+    compiled_memory,
+    print_table,
+    run_sections,
+    tree_bytes,
+    write_results,
+)
 
 BATCH_SIZE = 32
 HIDDEN = (16, 16, 16)
@@ -587,22 +593,14 @@ def single_threaded_lapack() -> threadpool_limits:
 
 
 def main(quick: bool = False) -> dict[str, Any]:
-  t0 = time.perf_counter()
   sections = {"regression": regression_bench, "step_cost": step_cost_bench,
               "memory": memory_bench}
-  results: dict[str, Any] = {"quick": quick, "lapack_threads": 1, "section_wall_s": {}}
-  for name, bench in sections.items():
-    t1 = time.perf_counter()
-    with single_threaded_lapack():
-      results[name] = bench(quick)
-    results["section_wall_s"][name] = time.perf_counter() - t1
-  results["wall_s"] = time.perf_counter() - t0
+  results = run_sections(sections, quick, {"quick": quick, "lapack_threads": 1},
+                         context=single_threaded_lapack)
   path = write_results("sven", results)
   print(f"\nwrote {path} ({results['wall_s']:.0f} s)")
   return results
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
-  main(parser.parse_args().quick)
+  command_line(main, __doc__)

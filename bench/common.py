@@ -3,6 +3,8 @@ figures, and JSON output with device metadata under bench/results/."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
@@ -94,6 +96,32 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
   path = out_dir / f"{name}{suffix}.json"
   path.write_text(json.dumps({"meta": meta, **results}, indent=2, default=float) + "\n")
   return path
+
+
+def run_sections(
+    sections: dict[str, Callable[[bool], Any]],
+    quick: bool,
+    results: dict[str, Any],
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, Any]:
+  """Runs each ``section(quick)`` into ``results[name]``, inside ``context()``, recording
+  per-section and total wall times (``section_wall_s``, ``wall_s``)."""
+  t0 = time.perf_counter()
+  walls = results.setdefault("section_wall_s", {})
+  for name, section in sections.items():
+    t1 = time.perf_counter()
+    with context():
+      results[name] = section(quick)
+    walls[name] = time.perf_counter() - t1
+  results["wall_s"] = time.perf_counter() - t0
+  return results
+
+
+def command_line(main: Callable[..., Any], doc: str | None) -> None:
+  """``python -m bench.bench_<family> [--quick]``: parses the flag and runs ``main``."""
+  parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+  main(quick=parser.parse_args().quick)
 
 
 def print_table(rows: list[dict[str, Any]], title: str = "") -> None:

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from optax.contrib import GaLoreDimensionNumbers
 
 __all__ = ["LMConfig", "TransformerLM", "load_corpus", "build", "lm_loss", "sample_batch",
-           "TrainResult", "train"]
+           "linear_map_dims", "TrainResult", "train"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,30 @@ class TransformerLM(nnx.Module):
 def build(cfg: LMConfig = LMConfig(), seed: int = 0) -> tuple[nnx.GraphDef, Any]:
   """Returns ``(graphdef, params)`` of a fresh model (params: an ``nnx.State``)."""
   return nnx.split(TransformerLM(cfg, nnx.Rngs(seed)))
+
+
+def linear_map_dims(params: Any) -> Any:
+  """Matrix view of every linear map's kernel, ``None`` for everything else.
+
+  For ``weight_dimension_numbers`` of the matrix methods (spectral clipping,
+  low-rank projection; gradsmith's and ``optax.contrib.galore``): ``Linear``
+  kernels ``(in, out)``; attention query/key/value kernels
+  ``(d_model, heads, head_dim)`` as ``d_model x d_model``; the attention output
+  kernel ``(heads, head_dim, d_model)`` likewise. Biases, LayerNorm, the token
+  embedding and the position table are not linear maps of the features (``None``).
+  """
+
+  def dims(path, leaf):
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if not keys or keys[-1] != "kernel":
+      return None
+    if leaf.ndim == 2:
+      return GaLoreDimensionNumbers(0, 1)
+    if len(keys) >= 2 and keys[-2] in ("query", "key", "value"):
+      return GaLoreDimensionNumbers(0, (1, 2))
+    return GaLoreDimensionNumbers((0, 1), 2)
+
+  return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def lm_loss(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array) -> jax.Array:

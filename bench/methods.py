@@ -84,9 +84,18 @@ def schedule_peak(learning_rate: Any, horizon: int = 1_000_000) -> float:
 
 
 # Ranks are chosen for the small demo model (d_model 64 .. 256): a quarter of d_model.
-def registry(rank: int = 16) -> dict[str, Method]:
-  """All methods by name (``rank`` for the low-rank ones)."""
+def registry(rank: int = 16, weight_dimension_numbers: Any = None) -> dict[str, Method]:
+  """All methods by name (``rank`` for the low-rank ones).
+
+  ``weight_dimension_numbers`` (a tree or a callable on params, as the matrix
+  methods take it) tells the spectral and low-rank methods which leaves are
+  matrices and how; the model's own (``lm.linear_map_dims``,
+  ``pretrain.gpt_matrix_dims``) keeps embeddings out and views attention
+  kernels as ``d_model x d_model``. ``None``: every leaf with ``ndim >= 2`` over
+  its last two axes.
+  """
   wd = 0.01
+  dims = weight_dimension_numbers
   methods = [
       Method("adamw", lambda lr: optax.adamw(lr, weight_decay=wd), 3e-3),
       Method("adamw+clip", lambda lr: optax.chain(
@@ -97,14 +106,17 @@ def registry(rank: int = 16) -> dict[str, Method]:
           opt.clip_coordinatewise(0.05), optax.sgd(lr, momentum=0.9)), 0.3,
              note="top 5% of coordinates clipped"),
       Method("spectra_adamw", lambda lr: opt.spectra_adamw(
-          lr, max_singular_value=5.0, weight_decay=wd), 3e-3),
+          lr, max_singular_value=5.0, weight_decay=wd, weight_dimension_numbers=dims), 3e-3),
       Method("galore", lambda lr: optax.contrib.galore(
-          lr, rank=rank, update_proj_gap=50, weight_decay=wd), 3e-3,
+          lr, rank=rank, update_proj_gap=50, weight_decay=wd, weight_dimension_numbers=dims),
+             3e-3,
              note=f"optax.contrib.galore rank {rank}, SVD every 50 steps"),
-      Method("dct_adamw", lambda lr: opt.dct_adamw(lr, rank, weight_decay=wd), 3e-3,
+      Method("dct_adamw", lambda lr: opt.dct_adamw(
+          lr, rank, weight_decay=wd, weight_dimension_numbers=dims), 3e-3,
              note=f"rank {rank}"),
       Method("online_subspace_descent", lambda lr: opt.online_subspace_descent(
-          lr, rank, weight_decay=wd, schedule_reference=schedule_peak(lr)), 3e-3,
+          lr, rank, weight_decay=wd, schedule_reference=schedule_peak(lr),
+          weight_dimension_numbers=dims), 3e-3,
              note=f"rank {rank}, projector lr follows lr_t / lr_peak"),
       Method("sam", lambda lr: optax.chain(reg.sam(0.05), optax.adamw(lr, weight_decay=wd)), 3e-3,
              _grad_fn, "SAM rho 0.05 + AdamW"),

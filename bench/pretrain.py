@@ -44,6 +44,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from optax.contrib import GaLoreDimensionNumbers
 
 from bench import methods as methods_lib
 from bench.lm import load_corpus
@@ -74,6 +75,20 @@ def _init_layer(key: jax.Array, cfg: GPTConfig, lead: tuple[int, ...] = ()) -> d
     else:
       out[name] = nnx.Param(jax.random.normal(k, lead + shape) / math.sqrt(shape[0]))
   return out
+
+
+def gpt_matrix_dims(params: Any) -> Any:
+  """Matrix view for the matrix methods: every weight matrix of the layers (stacked
+  layers as a batch axis) and the head; ``None`` for the embedding, the position
+  table and the LayerNorm scales."""
+
+  def dims(path, leaf):
+    top = path[0].key if path and isinstance(path[0], jax.tree_util.DictKey) else None
+    if top in ("embed", "pos") or jnp.ndim(leaf) < 2:
+      return None
+    return GaLoreDimensionNumbers(jnp.ndim(leaf) - 2, jnp.ndim(leaf) - 1)
+
+  return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def _layer_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
@@ -200,7 +215,7 @@ class RunConfig:
 
 def run(cfg: RunConfig) -> list[dict[str, float]]:
   """Trains; returns the per-step metrics (also appended to ``cfg.metrics``)."""
-  method = methods_lib.registry(cfg.rank)[cfg.optimizer]
+  method = methods_lib.registry(cfg.rank, gpt_matrix_dims)[cfg.optimizer]
   peak = cfg.lr if cfg.lr is not None else method.lr
   schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(cfg.warmup, 1), max(cfg.steps, 2))
   tx = method.build(schedule)

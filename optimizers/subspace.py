@@ -596,7 +596,12 @@ def online_pca_projector(
     raise ValueError(f"schedule must be a callable count -> learning rate, got {schedule!r}")
   if schedule is not None and schedule_reference is None:
     first = schedule(0)
-    if not isinstance(first, jax.core.Tracer) and float(first) == 0.0:
+    if isinstance(first, jax.core.Tracer):
+      raise ValueError(
+          "schedule(0) is traced (the schedule closes over traced values), so a warm-up from "
+          "zero cannot be ruled out: pass schedule_reference (e.g. the peak learning rate)."
+      )
+    if float(first) == 0.0:
       raise ValueError(
           "schedule(0) is 0 (a warm-up from zero), so the ratio schedule(t) / schedule(0) is "
           "undefined: pass schedule_reference (e.g. the peak learning rate)."
@@ -1026,12 +1031,21 @@ def dct_adamw(
     Modoranu et al., https://arxiv.org/abs/2505.17967;
     Loshchilov & Hutter, AdamW, https://arxiv.org/abs/1711.05101
   """
+  projector = dct_projector(rank, update_every=update_every, score=score, method=method)
+  return _projected_adamw(
+      projector, learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask,
+      scale=scale, weight_dimension_numbers=weight_dimension_numbers, on_refresh=on_refresh,
+      side=side,
+  )
+
+
+def _projected_adamw(projector, learning_rate, *, b1, b2, eps, weight_decay, mask, scale,
+                     weight_dimension_numbers, on_refresh, side):
+  """AdamW whose matrix moments live in ``projector``'s subspace (dct_adamw, OSD)."""
   return optax.chain(
       subspace(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-          dct_projector(rank, update_every=update_every, score=score, method=method),
-          scale=scale, weight_dimension_numbers=weight_dimension_numbers,
-          on_refresh=on_refresh, side=side,
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps), projector, scale=scale,
+          weight_dimension_numbers=weight_dimension_numbers, on_refresh=on_refresh, side=side,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -1111,13 +1125,10 @@ def online_subspace_descent(
       update_every=update_every, schedule=learning_rate if callable(learning_rate) else None,
       schedule_reference=schedule_reference,
   )
-  return optax.chain(
-      subspace(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps), projector, scale=scale,
-          weight_dimension_numbers=weight_dimension_numbers, on_refresh=on_refresh, side=side,
-      ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+  return _projected_adamw(
+      projector, learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask,
+      scale=scale, weight_dimension_numbers=weight_dimension_numbers, on_refresh=on_refresh,
+      side=side,
   )
 
 

@@ -581,3 +581,24 @@ def test_partition_specs_place_state_and_survive_update(name, axis_type):
 def test_bad_configuration_raises(call, name):
   with pytest.raises(ValueError, match=name):
     call()
+
+
+def test_traced_schedule_without_reference_raises_and_with_reference_runs():
+  """A schedule closing over traced values cannot be checked for a warm-up from zero."""
+
+  def build(peak, reference):
+    sched = optax.linear_schedule(0.0, peak, 10)
+    return opt.online_pca_projector(2, schedule=sched, schedule_reference=reference)
+
+  with pytest.raises(ValueError, match="schedule_reference"):
+    jax.jit(lambda peak: build(peak, None) and peak)(jnp.float32(0.1))
+
+  def step(peak):
+    tx = opt.subspace(optax.scale_by_adam(), build(peak, peak))
+    params = {"w": jnp.ones((6, 8))}
+    grads = {"w": jnp.arange(48.0).reshape(6, 8) / 48.0}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return updates["w"]
+
+  out = jax.jit(step)(jnp.float32(0.1))
+  assert out.shape == (6, 8) and bool(jnp.all(jnp.isfinite(out)))
