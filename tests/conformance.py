@@ -17,7 +17,6 @@ import optax
 import optimizers
 import regularizers
 
-
 _MADE: dict[str, optax.GradientTransformation] = {}
 
 
