@@ -16,9 +16,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m bench.ablation
 
-# 8 simulated CPU devices for the sharding tests (set in tests/conftest.py too).
+# 8 simulated CPU devices for the sharding tests (set in tests/conftest.py too). A persistent
+# compilation cache, emptied first, lets identical programs compiled by different tests and
+# workers (resumed runs, notebooks vs benchmarks) compile once per run.
+JAX_CACHE := $(CURDIR)/.jax_cache
 test: $(STAMP)
-	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --dist loadfile
+	rm -rf $(JAX_CACHE)
+	XLA_FLAGS="--xla_force_host_platform_device_count=8" JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) \
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 \
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m bench
@@ -27,4 +33,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check optimizers regularizers tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(JAX_CACHE)

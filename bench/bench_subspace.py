@@ -247,21 +247,6 @@ def memory_bench(quick: bool) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def lm_matrix_dims(params: Any) -> Any:
-  """Attention (query/key/value: in x (heads, head_dim); out: (heads, head_dim) x out) and
-  MLP kernels are projected; embeddings, positions, head, biases and norms stay full rank."""
-  def dims(path, x):
-    names = _dict_keys(path)
-    if "kernel" not in names or "head" in names:
-      return None
-    if any(n in names for n in ("query", "key", "value")):
-      return GaLoreDimensionNumbers(0, (1, 2))
-    if "out" in names:
-      return GaLoreDimensionNumbers((0, 1), 2)
-    return GaLoreDimensionNumbers(0, 1) if x.ndim == 2 else None
-  return jax.tree_util.tree_map_with_path(dims, params)
-
-
 LM_LR, LM_WD, LM_GALORE_GAP = 3e-3, 0.01, 50
 
 
@@ -283,7 +268,7 @@ def lm_step_bench(quick: bool) -> dict:
       else lm.LMConfig()
   rank, batch = cfg.d_model // 4, 8
   graphdef, params = lm.build(cfg)
-  dims = lm_matrix_dims(params)
+  dims = lm.linear_map_dims(params)
   train, _ = lm.load_corpus(max_bytes=200_000)
   tokens = lm.sample_batch(train, batch, cfg.seq_len, np.random.default_rng(0))
   txs = _lm_methods(rank, dims)
@@ -312,7 +297,7 @@ def quality_bench(quick: bool) -> dict:
   rank = cfg.d_model // 4
   lr, wd, gap = LM_LR, LM_WD, LM_GALORE_GAP
   _, abstract = lm.build(cfg)
-  dims = lm_matrix_dims(abstract)
+  dims = lm.linear_map_dims(abstract)
   data = lm.load_corpus(max_bytes=200_000 if quick else 4_000_000)
   methods = _lm_methods(rank, dims)
   runs = []

@@ -106,19 +106,19 @@ def build(cfg: LMConfig = LMConfig(), seed: int = 0) -> tuple[nnx.GraphDef, Any]
 
 
 def linear_map_dims(params: Any) -> Any:
-  """Matrix view of every linear map's kernel, ``None`` for everything else.
+  """Matrix view of the transformer blocks' linear maps, ``None`` for everything else.
 
   For ``weight_dimension_numbers`` of the matrix methods (spectral clipping,
-  low-rank projection; gradsmith's and ``optax.contrib.galore``): ``Linear``
-  kernels ``(in, out)``; attention query/key/value kernels
-  ``(d_model, heads, head_dim)`` as ``d_model x d_model``; the attention output
-  kernel ``(heads, head_dim, d_model)`` likewise. Biases, LayerNorm, the token
-  embedding and the position table are not linear maps of the features (``None``).
+  low-rank projection; gradsmith's and ``optax.contrib.galore``): MLP kernels
+  ``(in, out)``; attention query/key/value kernels ``(d_model, heads, head_dim)``
+  as ``d_model x d_model``; the attention output kernel ``(heads, head_dim,
+  d_model)`` likewise. As in GaLore, the token embedding, the position table,
+  the output head, biases and LayerNorm stay full rank (``None``).
   """
 
   def dims(path, leaf):
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    if not keys or keys[-1] != "kernel":
+    if not keys or keys[-1] != "kernel" or keys[0] != "blocks":
       return None
     if leaf.ndim == 2:
       return GaLoreDimensionNumbers(0, 1)

@@ -84,6 +84,19 @@ def schedule_peak(learning_rate: Any, horizon: int = 1_000_000) -> float:
 
 
 # Ranks are chosen for the small demo model (d_model 64 .. 256): a quarter of d_model.
+def _two_dim_only(dims: Any) -> Any:
+  """``dims`` restricted to 2-D leaves: ``optax.contrib.galore`` takes no batch axes, so
+  stacked (scanned) layers stay full-rank AdamW there (our methods project them per slice)."""
+  if dims is None:
+    return None
+
+  def restricted(params):
+    full = dims(params) if callable(dims) else dims
+    return jax.tree.map(lambda x, d: d if jnp.ndim(x) == 2 else None, params, full)
+
+  return restricted
+
+
 def registry(rank: int = 16, weight_dimension_numbers: Any = None) -> dict[str, Method]:
   """All methods by name (``rank`` for the low-rank ones).
 
@@ -108,8 +121,8 @@ def registry(rank: int = 16, weight_dimension_numbers: Any = None) -> dict[str, 
       Method("spectra_adamw", lambda lr: opt.spectra_adamw(
           lr, max_singular_value=5.0, weight_decay=wd, weight_dimension_numbers=dims), 3e-3),
       Method("galore", lambda lr: optax.contrib.galore(
-          lr, rank=rank, update_proj_gap=50, weight_decay=wd, weight_dimension_numbers=dims),
-             3e-3,
+          lr, rank=rank, update_proj_gap=50, weight_decay=wd,
+          weight_dimension_numbers=_two_dim_only(dims)), 3e-3,
              note=f"optax.contrib.galore rank {rank}, SVD every 50 steps"),
       Method("dct_adamw", lambda lr: opt.dct_adamw(
           lr, rank, weight_decay=wd, weight_dimension_numbers=dims), 3e-3,

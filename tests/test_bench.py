@@ -30,3 +30,29 @@ def test_demo_ablation_tiny(monkeypatch, tmp_path):
                            "--methods", "adamw,sam,dct_adamw", "--rank", "4", "--no-sven"])
   assert [r["method"] for r in results["lm"]] == ["adamw", "sam", "dct_adamw"]
   assert (tmp_path / "ablation.png").exists() and (tmp_path / "ablation.json").exists()
+
+
+def test_linear_map_dims_views_block_kernels_only():
+  """Attention q/k/v/out and MLP kernels are matrices (attention as d_model x d_model);
+  embeddings, positions, the head, biases and norms are not."""
+  import jax
+
+  from bench import lm
+  from optimizers.matrices import matrix_shape
+
+  cfg = lm.LMConfig(d_model=16, num_layers=2, num_heads=2, d_ff=32, seq_len=8)
+  _, params = lm.build(cfg)
+  dims = lm.linear_map_dims(params)
+  views = {}
+  for (path, leaf), d in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree.structure(params).flatten_up_to(dims),
+      strict=True,
+  ):
+    if d is not None:
+      keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+      views[keys] = matrix_shape(leaf.shape, d)
+  assert len(views) == 2 * 6  # per block: query, key, value, out, up, down
+  for keys, (batch, m, n) in views.items():
+    assert keys[0] == "blocks" and keys[-1] == "kernel" and batch == (), keys
+    assert (m, n) == {"up": (16, 32), "down": (32, 16)}.get(keys[-2], (16, 16)), (keys, m, n)
