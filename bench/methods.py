@@ -83,7 +83,6 @@ def schedule_peak(learning_rate: Any, horizon: int = 1_000_000) -> float:
   return float(jnp.max(learning_rate(steps)))
 
 
-# Ranks are chosen for the small demo model (d_model 64 .. 256): a quarter of d_model.
 def _two_dim_only(dims: Any) -> Any:
   """``dims`` restricted to 2-D leaves: ``optax.contrib.galore`` takes no batch axes, so
   stacked (scanned) layers stay full-rank AdamW there (our methods project them per slice)."""
@@ -97,6 +96,7 @@ def _two_dim_only(dims: Any) -> Any:
   return restricted
 
 
+# Ranks are chosen for the small demo model (d_model 64 .. 256): a quarter of d_model.
 def registry(rank: int = 16, weight_dimension_numbers: Any = None) -> dict[str, Method]:
   """All methods by name (``rank`` for the low-rank ones).
 
