@@ -267,7 +267,7 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
     params = optax.apply_updates(params, updates)
     if teacher is not None:
       teacher_state = teacher.update_teacher(teacher_state, params)
-    return params, opt_state, teacher_state, loss, optax.global_norm(grads)
+    return params, opt_state, teacher_state, loss, optax.tree.norm(grads)
 
   step_fn = jax.jit(
       train_step,

@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -350,7 +351,7 @@ def test_flop_count_matches_program(mode):
         (lc, _), _ = eqn.params["dimension_numbers"]
         lhs, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
         total += 2 * math.prod(out) * math.prod(lhs[a] for a in lc)
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         total += dot_flops(sub)
     return total
 
