@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from bench import methods as methods_lib
-from bench.common import print_table, results_dir, write_results
+from bench.common import method_style, print_table, results_dir, write_results
 from bench.lm import LMConfig, linear_map_dims, lm_loss, load_corpus, train
 
 DEFAULT_METHODS = (
@@ -67,11 +67,12 @@ def plot_curves(rows: list[dict], path) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(8, 5))
-  for r in rows:
+  for i, r in enumerate(rows):
     curve = np.asarray(r["curve"])
     k = max(1, len(curve) // 50)
     smooth = np.convolve(curve, np.ones(k) / k, mode="valid")
-    ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=r["method"])
+    ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=r["method"], **method_style(i),
+            markevery=max(1, len(smooth) // 10), markersize=4, linewidth=1.2)
   ax.set_xlabel("step")
   ax.set_ylabel("train loss (nats/byte, smoothed)")
   ax.set_title("byte-level LM on stdlib sources: every method, same budget")

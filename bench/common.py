@@ -9,8 +9,9 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,39 @@ def print_table(rows: list[dict[str, Any]], title: str = "") -> None:
   print("  ".join(c.ljust(width[c]) for c in cols))
   for r in rows:
     print("  ".join(fmt(r.get(c, "")).ljust(width[c]) for c in cols))
+
+
+def progress(iterable: Iterable[Any], desc: str, total: int | None = None,
+             initial: int = 0) -> Iterable[Any]:
+  """A tqdm progress bar on a terminal (or in a Jupyter kernel); elsewhere (a log
+  file, CI) no frames at all but one line, ``desc: N steps in S s``, when the loop ends."""
+  if sys.stderr.isatty() or "ipykernel" in sys.modules:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, initial=initial, leave=False)
+  return _one_line(iterable, desc)
+
+
+def _one_line(iterable: Iterable[Any], desc: str) -> Iterator[Any]:
+  t0, n = time.perf_counter(), 0
+  try:
+    for item in iterable:
+      yield item
+      n += 1
+  finally:
+    print(f"{desc}: {n} steps in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+# 10 colours x 13 markers x 4 line styles: the first 10 methods differ in colour and
+# marker, the first 13 in marker, and any 40 in (colour, line style).
+_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+_MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p", "8"]
+_LINESTYLES = ["-", "--", ":", "-."]
+
+
+def method_style(i: int) -> dict[str, Any]:
+  """Matplotlib ``plot`` keyword arguments for the ``i``-th method of a figure: a
+  colour, marker and line style cycle that tells 12+ methods apart (also in grey)."""
+  return {"color": _COLOURS[i % len(_COLOURS)], "marker": _MARKERS[i % len(_MARKERS)],
+          "linestyle": _LINESTYLES[(i // len(_COLOURS)) % len(_LINESTYLES)]}

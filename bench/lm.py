@@ -219,9 +219,9 @@ def train(
   losses, times = [], []
   iterator = range(steps)
   if progress:
-    from tqdm.auto import tqdm
+    from bench.common import progress as progress_bar
 
-    iterator = tqdm(iterator, desc=desc, leave=False)
+    iterator = progress_bar(iterator, desc)  # one line per run when not on a terminal
   for _ in iterator:
     tokens = sample_batch(train_data, batch_size, cfg.seq_len, rng)
     t0 = time.perf_counter()

@@ -303,9 +303,9 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   history = []
   steps = range(start, cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after))
   if cfg.progress:
-    from tqdm.auto import tqdm
+    from bench.common import progress
 
-    steps = tqdm(steps, desc=f"pretrain {cfg.optimizer}", initial=start, total=cfg.steps)
+    steps = progress(steps, f"pretrain {cfg.optimizer}", total=cfg.steps, initial=start)
   try:
     for step in steps:
       tokens = jax.device_put(
