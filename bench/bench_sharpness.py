@@ -21,7 +21,6 @@ SAM update, no parameter-sized array in SAM's state; SAF <= 1.05x, MESA <= 1.4x.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,13 @@ import optax
 
 import regularizers as reg
 from bench import lm
-from bench.common import block, command_line, print_table, time_fn, tree_bytes, write_results
+from bench.common import (
+    command_line,
+    interleaved,
+    print_table,
+    tree_bytes,
+    write_results,
+)
 
 RHO = 0.05
 
@@ -194,21 +199,6 @@ def regulariser_variants(task: dict, quick: bool) -> tuple[dict[str, Callable], 
   return runners, states
 
 
-def time_round_robin(runners: dict[str, Callable], rounds: int,
-                     repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-  """Median and minimum seconds per call of each runner over ``rounds x repeats``
-  calls, interleaving the variants round by round (the machine is shared: the
-  minimum is the least disturbed figure, the median the typical one)."""
-  for run in runners.values():  # compile
-    block(run())
-  samples: dict[str, list[float]] = {k: [] for k in runners}
-  for _ in range(rounds):
-    for name, run in runners.items():
-      samples[name] += [time_fn(run, repeats=1, warmup=0) for _ in range(repeats)]
-  return ({k: statistics.median(v) for k, v in samples.items()},
-          {k: min(v) for k, v in samples.items()})
-
-
 def param_sized_leaves(state: Any, params: Any) -> int:
   sizes = {x.size for x in jax.tree.leaves(params)}
   return sum(1 for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) > 0 and x.size in sizes)
@@ -222,7 +212,7 @@ def main(quick: bool = False) -> dict:
   tasks = [mlp_task(quick)] if quick else [mlp_task(quick), transformer_task(quick)]
   for task in tasks:
     runners, states = sam_variants(task, quick)
-    times, fastest = time_round_robin(runners, rounds, repeats)
+    times, fastest, _ = interleaved(runners, rounds, repeats)
     base_state = tree_bytes(states["base"])
     entry = {"shape": task["shape"], "param_bytes": tree_bytes(task["params"]), "variants": {}}
     for name, t in times.items():
@@ -247,7 +237,7 @@ def main(quick: bool = False) -> dict:
     results["sam"][task["name"]] = entry
 
     runners, states = regulariser_variants(task, quick)
-    times, fastest = time_round_robin(runners, rounds, repeats)
+    times, fastest, _ = interleaved(runners, rounds, repeats)
     entry = {"shape": task["shape"], "variants": {}}
     for name, t in times.items():
       row = {"model": task["name"], "variant": name, "ms_per_step": 1e3 * t,

@@ -29,17 +29,22 @@ Output: a table, and ``bench/results/spectral.json``.
 
 from __future__ import annotations
 
+import functools
 import os
-import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import block, command_line, matmul_flops_per_second, print_table, write_results
+from bench.common import (
+    command_line,
+    interleaved,
+    matmul_flops_per_second,
+    print_table,
+    write_results,
+)
 from optimizers import hard_spectral_clip, soft_spectral_clip
 from optimizers.linalg import SIGN_STEPS, SOFT_NS_STEPS, spectral_clip_matmuls
 
@@ -66,26 +71,6 @@ def rel_err(a: jax.Array, b: jax.Array) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def timed_call(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
-  t0 = time.perf_counter()
-  out = block(fn(*args))
-  return time.perf_counter() - t0, out
-
-
-def round_robin(calls: dict[str, tuple[Callable[..., Any], tuple]], rounds: int, warmup: bool):
-  """Median seconds per call, timing the calls in turn; also each call's last output."""
-  if warmup:
-    for fn, args in calls.values():
-      block(fn(*args))
-  times: dict[str, list[float]] = {name: [] for name in calls}
-  outputs: dict[str, Any] = {}
-  for _ in range(rounds):
-    for name, (fn, args) in calls.items():
-      seconds, outputs[name] = timed_call(fn, *args)
-      times[name].append(seconds)
-  return {name: statistics.median(t) for name, t in times.items()}, outputs
-
-
 def bench_shape(m: int, n: int, rounds: int) -> dict[str, Any]:
   k = min(m, n)
   rng = np.random.default_rng(m * 7919 + n)
@@ -98,7 +83,9 @@ def bench_shape(m: int, n: int, rounds: int) -> dict[str, Any]:
       "hard": (compile_(lambda x: hard_spectral_clip(x, C), x), (x,)),
       "matmul": (compile_(lambda a: a @ a, square), (square,)),
   }
-  seconds, outputs = round_robin(calls, rounds, warmup=max(m, n) < 4096)
+  timed = interleaved({k: functools.partial(fn, *args) for k, (fn, args) in calls.items()},
+                      rounds, warmup=max(m, n) < 4096)
+  seconds, outputs = timed.median, timed.last
   svd_soft, u, s, vt = outputs["svd"]
   svd_hard = jax.jit(svd_hard_from_factors, static_argnums=3)(u, s, vt, C)
   matmul_rate = 2 * k**3 / seconds["matmul"]

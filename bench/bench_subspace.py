@@ -28,7 +28,6 @@ within the seed spread.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,8 +40,8 @@ from optax.contrib import GaLoreDimensionNumbers
 import optimizers as opt
 from bench import lm
 from bench.common import (
-    block,
     command_line,
+    interleaved,
     print_table,
     run_sections,
     tree_bytes,
@@ -51,16 +50,8 @@ from bench.common import (
 
 
 def round_robin(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-  """Median seconds of each zero-argument function, timed interleaved after a warm-up."""
-  for fn in fns.values():
-    block(fn())
-  times: dict[str, list[float]] = {k: [] for k in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      block(fn())
-      times[name].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
+  """Median seconds of each function: :func:`bench.common.interleaved` (kept for callers)."""
+  return interleaved(fns, rounds=repeats).median
 
 
 # ---------------------------------------------------------------------------
@@ -93,7 +84,7 @@ def refresh_bench(quick: bool) -> list[dict]:
     fns = {"dct_auto": lambda dct=dct, g=g: dct(g),
            "dct_matmul": lambda dct_mm=dct_mm, g=g: dct_mm(g),
            "svd": lambda svd=svd, g=g: svd(g)}
-    t = round_robin(fns, repeats=1 if big or quick else 3)
+    t = interleaved(fns, rounds=1 if big or quick else 3).median
     rows.append({
         "shape": f"{m}x{n}", "rank": rank,
         "dct_select_s": t["dct_auto"], "dct_select_matmul_s": t["dct_matmul"],
@@ -113,7 +104,7 @@ def dct_method_bench(quick: bool) -> dict:
     mm = jax.jit(lambda x: opt.dct_transform(x, method="matmul"))
     fft = jax.jit(lambda x: opt.dct_transform(x, method="fft"))
     fns = {"matmul": lambda mm=mm, x=x: mm(x), "fft": lambda fft=fft, x=x: fft(x)}
-    t = round_robin(fns, repeats=3 if d > 2048 else 5)
+    t = interleaved(fns, rounds=3 if d > 2048 else 5).median
     rows.append({"k": k, "d": d, "matmul_s": t["matmul"], "fft_s": t["fft"],
                  "fft_over_matmul": t["fft"] / t["matmul"]})
   print_table(rows, "DCT-II of a (k, d) matrix along d: explicit basis matmul vs FFT")
@@ -151,7 +142,7 @@ def step_bench(quick: bool) -> dict:
     fns[name] = lambda update=update, s=later: update(grads, s, params)
     if name in ("galore", "subspace_svd"):
       fns[f"{name}@refresh"] = lambda update=update, s=fresh: update(grads, s, params)
-  t = round_robin(fns, repeats=2 if quick else 7)
+  t = interleaved(fns, rounds=2 if quick else 7).median
   period = 200
   for name in ("galore", "subspace_svd")[: 1 if quick else 2]:
     t[f"{name}@amortised"] = ((period - 1) * t[name] + t[f"{name}@refresh"]) / period
@@ -283,7 +274,7 @@ def lm_step_bench(quick: bool) -> dict:
 
     _, state = step(params, tx.init(params), tokens)  # past the first (init) step
     fns[name] = lambda step=step, state=state: step(params, state, tokens)
-  t = round_robin(fns, repeats=2 if quick else 15)
+  t = interleaved(fns, rounds=2 if quick else 15).median
   rows = [{"optimizer": k, "train_step_s": v, "vs_adamw": v / t["adamw"]} for k, v in t.items()]
   print_table(rows, f"byte-level LM training step (batch {batch}, rank {rank})")
   return {"rows": rows, "osd_vs_adamw": t["online_subspace_descent"] / t["adamw"],

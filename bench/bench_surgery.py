@@ -32,7 +32,6 @@ the same run. Target: surgery <= 5% of a training step.
 from __future__ import annotations
 
 import gc
-import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -45,30 +44,17 @@ from flax import nnx
 import regularizers as reg
 from bench import lm
 from bench.common import (
-  block,
   command_line,
   compiled_memory,
+  interleaved,
   matmul_flops_per_second,
   print_table,
-  time_fn,
   tree_bytes,
   write_results,
 )
 
 LAM = 0.1
 TARGET = 0.05
-
-
-def time_round_robin(runners: dict[str, Callable[[], Any]], rounds: int,
-                     repeats: int) -> dict[str, float]:
-  """Median seconds per call of each runner, interleaving the variants round by round."""
-  for run in runners.values():  # compile + warm up
-    block(run())
-  samples: dict[str, list[float]] = {k: [] for k in runners}
-  for _ in range(rounds):
-    for name, run in runners.items():
-      samples[name] += [time_fn(run, repeats=1, warmup=0) for _ in range(repeats)]
-  return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def random_like(tree: Any, seed: int) -> Any:
@@ -175,7 +161,7 @@ def big_tree_section(quick: bool, rounds: int, repeats: int) -> dict[str, Any]:
   names = ("mixed", "bloop") if quick else tuple(SURGERIES)
   runners = {"adam_update": adam_runner(params, grads)}
   runners |= {k: surgery_runner(SURGERIES[k](), params, grads, aux) for k in names}
-  alone = time_round_robin(runners, rounds, repeats)
+  alone = interleaved(runners, rounds, repeats).median
   del runners
   gc.collect()
 
@@ -184,7 +170,7 @@ def big_tree_section(quick: bool, rounds: int, repeats: int) -> dict[str, Any]:
     runners = {"adam_update": adam_runner(params, grads),
                "mixed+adam": chained_runner(reg.mixed(LAM), params, grads, aux),
                "bloop+adam": chained_runner(reg.bloop(LAM), params, grads, aux)}
-    chained = time_round_robin(runners, rounds, repeats)
+    chained = interleaved(runners, rounds, repeats).median
     del runners
     gc.collect()
 
@@ -325,7 +311,7 @@ def small_model_section(quick: bool, rounds: int, repeats: int) -> dict[str, Any
   if not quick:
     runners["grads_vmapped_cotangents"] = lambda: vmapped(params)
     runners["grads_two_in_one_jit"] = lambda: both_one_jit(params)
-  t = time_round_robin(runners, rounds, repeats)
+  t = interleaved(runners, rounds, repeats).median
 
   step = t["adam_step_main_only"]
   out: dict[str, Any] = {"shape": shape, "num_params": int(sum(

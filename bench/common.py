@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -44,6 +44,42 @@ def time_fn(
     block(fn(*args, **kwargs))
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+class Timings(NamedTuple):
+  """Seconds per call of each timed function (median and minimum) and its last output."""
+
+  median: dict[str, float]
+  min: dict[str, float]
+  last: dict[str, Any]
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1,
+                warmup: bool = True) -> Timings:
+  """Times zero-argument functions interleaved, the one timer of every benchmark.
+
+  Each function is called once first (compile, warm caches; ``warmup=False`` skips
+  this for precompiled programs too slow to run twice), then ``rounds`` rounds in
+  which every function runs ``repeats`` times in turn, each call timed to
+  ``block_until_ready``. Interleaving spreads a shared machine's load over all the
+  variants alike: the median is the typical figure, the minimum the least
+  disturbed one; compare ratios from the same call, not absolute times.
+  """
+  if rounds < 1 or repeats < 1:
+    raise ValueError(f"rounds and repeats must be >= 1, got {rounds} and {repeats}.")
+  last: dict[str, Any] = {}
+  if warmup:
+    for name, fn in fns.items():
+      last[name] = block(fn())
+  samples: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        last[name] = block(fn())
+        samples[name].append(time.perf_counter() - t0)
+  return Timings({k: statistics.median(v) for k, v in samples.items()},
+                 {k: min(v) for k, v in samples.items()}, last)
 
 
 def compiled_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, int]:
