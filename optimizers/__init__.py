@@ -40,4 +40,4 @@ from optimizers.subspace import (
     subspace_partition_specs,
     svd_projector,
 )
-from optimizers.sven import ScaleBySvenState, scale_by_sven, sven
+from optimizers.sven import ScaleBySvenState, scale_by_sven, sven, sven_leaf_paths
