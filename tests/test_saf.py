@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from _reference import count_lowerings
 from regularizers import MESAState, SAFState, distillation_kl, mesa, saf
 
 N, C = 16, 5
@@ -164,11 +165,12 @@ def test_saf_buffer_sharded_over_examples(axis_type, batch_spec):
     assert state.logits.sharding.spec == specs.logits
     assert state.logits.addressable_shards[0].data.shape == (3, n // 8, C)
     record = jax.jit(reg.record, donate_argnums=0)
-    state, got = run(state, record, jax.jit(jax.value_and_grad(reg.loss, argnums=1)),
-                     lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec)))
+    with count_lowerings() as lowered:
+      state, got = run(state, record, jax.jit(jax.value_and_grad(reg.loss, argnums=1)),
+                       lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec)))
     assert state.logits.sharding.is_equivalent_to(shardings.logits, 3)
     assert state.epochs.sharding.is_equivalent_to(shardings.epochs, 2)
-    assert record._cache_size() == 1
+    assert lowered.count(reg.record.__name__) == 1, lowered.names  # compiled once, 4 epochs
   plain, expected = run(reg.init(), jax.jit(reg.record),
                         jax.jit(jax.value_and_grad(reg.loss, argnums=1)))
   assert float(expected[-1][0]) > 0
