@@ -22,7 +22,7 @@ import optax
 
 from bench import methods as methods_lib
 from bench.common import method_style, print_table, results_dir, write_results
-from bench.lm import LMConfig, linear_map_dims, lm_loss, load_corpus, train
+from bench.lm import MATRIX_VIEW, LMConfig, lm_loss, load_corpus, train
 
 DEFAULT_METHODS = (
     "adamw", "adamw+clip", "sgd", "sgd+clip", "spectra_adamw", "galore", "dct_adamw",
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--name", default="ablation", help="results file stem")
   a = p.parse_args(argv)
 
-  registry = methods_lib.registry(a.rank, linear_map_dims)
+  registry = methods_lib.registry(a.rank, MATRIX_VIEW)
   names = [n for n in a.methods.split(",") if n]
   unknown = sorted(set(names) - set(registry))
   if unknown:

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax.contrib import GaLoreDimensionNumbers
 
 import optimizers as opt
 from bench import lm
@@ -160,10 +159,6 @@ def step_bench(quick: bool) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _dict_keys(path) -> list:
-  return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-
-
 def gpt_small_shapes(layers: int = 12, d: int = 768, ff: int = 3072, vocab: int = 32000,
                      ctx: int = 1024) -> dict:
   sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
@@ -179,11 +174,9 @@ def gpt_small_shapes(layers: int = 12, d: int = 768, ff: int = 3072, vocab: int 
 
 
 def block_matrix_dims(params: Any) -> Any:
-  """GaLore dims for the attention and MLP matrices, None elsewhere (both libraries)."""
-  def dims(path, x):
-    names = _dict_keys(path)
-    return GaLoreDimensionNumbers(0, 1) if "blocks" in names and len(x.shape) == 2 else None
-  return jax.tree_util.tree_map_with_path(dims, params)
+  """The "transformer" preset's views (attention and MLP matrices; embeddings, positions,
+  head, norms and biases left alone) as optax GaLore dims, which both libraries take."""
+  return opt.matrix_rules(preset="transformer").galore(params)
 
 
 def memory_bench(quick: bool) -> dict:
@@ -259,7 +252,7 @@ def lm_step_bench(quick: bool) -> dict:
       else lm.LMConfig()
   rank, batch = cfg.d_model // 4, 8
   graphdef, params = lm.build(cfg)
-  dims = lm.linear_map_dims(params)
+  dims = opt.matrix_rules(preset=lm.MATRIX_VIEW).galore(params)
   train, _ = lm.load_corpus(max_bytes=200_000)
   tokens = lm.sample_batch(train, batch, cfg.seq_len, np.random.default_rng(0))
   txs = _lm_methods(rank, dims)
@@ -288,7 +281,7 @@ def quality_bench(quick: bool) -> dict:
   rank = cfg.d_model // 4
   lr, wd, gap = LM_LR, LM_WD, LM_GALORE_GAP
   _, abstract = lm.build(cfg)
-  dims = lm.linear_map_dims(abstract)
+  dims = opt.matrix_rules(preset=lm.MATRIX_VIEW).galore(abstract)
   data = lm.load_corpus(max_bytes=200_000 if quick else 4_000_000)
   methods = _lm_methods(rank, dims)
   runs = []

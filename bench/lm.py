@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from optax.contrib import GaLoreDimensionNumbers
 
 __all__ = ["LMConfig", "TransformerLM", "load_corpus", "build", "lm_loss", "sample_batch",
-           "linear_map_dims", "TrainResult", "train"]
+           "MATRIX_VIEW", "TrainResult", "train"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,33 +99,15 @@ class TransformerLM(nnx.Module):
     return self.head(self.features(tokens))
 
 
+# The matrix methods' view of the model (``weight_dimension_numbers``): attention and
+# MLP kernels only (attention q/k/v/out as d_model x d_model); the token embedding, the
+# position table, the head, biases and LayerNorms stay full rank, as in GaLore.
+MATRIX_VIEW = "transformer"
+
+
 def build(cfg: LMConfig = LMConfig(), seed: int = 0) -> tuple[nnx.GraphDef, Any]:
   """Returns ``(graphdef, params)`` of a fresh model (params: an ``nnx.State``)."""
   return nnx.split(TransformerLM(cfg, nnx.Rngs(seed)))
-
-
-def linear_map_dims(params: Any) -> Any:
-  """Matrix view of the transformer blocks' linear maps, ``None`` for everything else.
-
-  For ``weight_dimension_numbers`` of the matrix methods (spectral clipping,
-  low-rank projection; gradsmith's and ``optax.contrib.galore``): MLP kernels
-  ``(in, out)``; attention query/key/value kernels ``(d_model, heads, head_dim)``
-  as ``d_model x d_model``; the attention output kernel ``(heads, head_dim,
-  d_model)`` likewise. As in GaLore, the token embedding, the position table,
-  the output head, biases and LayerNorm stay full rank (``None``).
-  """
-
-  def dims(path, leaf):
-    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    if not keys or keys[-1] != "kernel" or keys[0] != "blocks":
-      return None
-    if leaf.ndim == 2:
-      return GaLoreDimensionNumbers(0, 1)
-    if len(keys) >= 2 and keys[-2] in ("query", "key", "value"):
-      return GaLoreDimensionNumbers(0, (1, 2))
-    return GaLoreDimensionNumbers((0, 1), 2)
-
-  return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def lm_loss(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array) -> jax.Array:

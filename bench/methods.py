@@ -88,6 +88,10 @@ def _two_dim_only(dims: Any) -> Any:
   stacked (scanned) layers stay full-rank AdamW there (our methods project them per slice)."""
   if dims is None:
     return None
+  if isinstance(dims, str):
+    dims = opt.matrix_rules(preset=dims)
+  if isinstance(dims, opt.MatrixRules):
+    return dims.galore  # optax's own dims type, views without batch axes only
 
   def restricted(params):
     full = dims(params) if callable(dims) else dims
@@ -97,15 +101,20 @@ def _two_dim_only(dims: Any) -> Any:
 
 
 # Ranks are chosen for the small demo model (d_model 64 .. 256): a quarter of d_model.
-def registry(rank: int = 16, weight_dimension_numbers: Any = None) -> dict[str, Method]:
+def registry(
+    rank: int = 16, weight_dimension_numbers: Any = None, param_specs: Any = None
+) -> dict[str, Method]:
   """All methods by name (``rank`` for the low-rank ones).
 
   ``weight_dimension_numbers`` (a tree or a callable on params, as the matrix
   methods take it) tells the spectral and low-rank methods which leaves are
-  matrices and how; the model's own (``lm.linear_map_dims``,
-  ``pretrain.gpt_matrix_dims``) keeps embeddings out and views attention
-  kernels as ``d_model x d_model``. ``None``: every leaf with ``ndim >= 2`` over
-  its last two axes.
+  matrices and how; the demo and the pretraining script pass the ``"transformer"``
+  preset (:func:`optimizers.matrix_rules`), which keeps embeddings, positions, the
+  head, biases and norms out and views attention kernels as ``d_model x d_model``.
+  ``None``: every leaf with ``ndim >= 2`` over its last two axes.
+  ``param_specs`` (the params' ``PartitionSpec`` tree) lets the matrix methods
+  compute whole matrices on owner devices under ``Auto`` mesh axes
+  (:mod:`optimizers.distributed`).
   """
   wd = 0.01
   dims = weight_dimension_numbers
@@ -119,7 +128,8 @@ def registry(rank: int = 16, weight_dimension_numbers: Any = None) -> dict[str, 
           opt.clip_coordinatewise(0.05), optax.sgd(lr, momentum=0.9)), 0.3,
              note="top 5% of coordinates clipped"),
       Method("spectra_adamw", lambda lr: opt.spectra_adamw(
-          lr, max_singular_value=5.0, weight_decay=wd, weight_dimension_numbers=dims), 3e-3),
+          lr, max_singular_value=5.0, weight_decay=wd, weight_dimension_numbers=dims,
+          param_specs=param_specs), 3e-3),
       Method("galore", lambda lr: optax.contrib.galore(
           lr, rank=rank, update_proj_gap=50, weight_decay=wd,
           weight_dimension_numbers=_two_dim_only(dims)), 3e-3,

@@ -44,8 +44,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from optax.contrib import GaLoreDimensionNumbers
 
+import optimizers as opt
 from bench import methods as methods_lib
 from bench.lm import load_corpus
 
@@ -77,18 +77,13 @@ def _init_layer(key: jax.Array, cfg: GPTConfig, lead: tuple[int, ...] = ()) -> d
   return out
 
 
-def gpt_matrix_dims(params: Any) -> Any:
-  """Matrix view for the matrix methods: every weight matrix of the layers (stacked
-  layers as a batch axis) and the head; ``None`` for the embedding, the position
-  table and the LayerNorm scales."""
-
-  def dims(path, leaf):
-    top = path[0].key if path and isinstance(path[0], jax.tree_util.DictKey) else None
-    if top in ("embed", "pos") or jnp.ndim(leaf) < 2:
-      return None
-    return GaLoreDimensionNumbers(jnp.ndim(leaf) - 2, jnp.ndim(leaf) - 1)
-
-  return jax.tree_util.tree_map_with_path(dims, params)
+# The matrix methods' view (``weight_dimension_numbers``): the "transformer" preset
+# projects/clips the layers' weight matrices (stacked layers as a batch axis) and
+# leaves the embedding, the position table, the head and the LayerNorm scales (also
+# when stacked to (layers, d)) alone.
+MATRIX_VIEW = "transformer"
+# The same as a callable ``params -> tree of MatrixDims/None`` (for code that wants the tree).
+gpt_matrix_dims = opt.matrix_rules(preset=MATRIX_VIEW)
 
 
 def _layer_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
@@ -133,14 +128,15 @@ class GPT(nnx.Module):
     return _layer_norm(x, self.ln_f[...]) @ self.head[...]
 
 
-def param_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
-  """FSDP-style spec: rows over ``data``, columns over ``model`` where divisible."""
+def param_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh, zero1: bool = False) -> P:
+  """FSDP-style spec: rows over ``data``, columns over ``model`` where divisible
+  (``zero1``: columns over ``model`` only, the parameters replicated over ``data``)."""
   if len(shape) < 2:
     return P()
   axes: list[str | None] = [None] * len(shape)
   if shape[-1] % mesh.shape["model"] == 0:
     axes[-1] = "model"
-  if shape[-2] % mesh.shape["data"] == 0:
+  if not zero1 and shape[-2] % mesh.shape["data"] == 0:
     axes[-2] = "data"
   return P(*axes)
 
@@ -164,6 +160,17 @@ def state_specs(
       lambda x, s: s if _fits(x.shape, s, mesh) else P(), abstract, specs,
       is_leaf=lambda x: isinstance(x, P),
   )
+
+
+def state_memory(state: Any) -> dict[str, int]:
+  """``state_bytes`` (the whole state, as if replicated on one device) and
+  ``state_bytes_per_device`` (the most any device holds), from the arrays' shards."""
+  per_device: dict[Any, int] = {}
+  for x in jax.tree.leaves(state):
+    for shard in x.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+  return {"state_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
+          "state_bytes_per_device": max(per_device.values(), default=0)}
 
 
 def _fits(shape: tuple[int, ...], spec: P, mesh: jax.sharding.Mesh) -> bool:
@@ -211,11 +218,16 @@ class RunConfig:
   metrics: str | None = None
   progress: bool = True
   rank: int = 16
+  # ZeRO-1: params replicated over ``data`` (sharded over ``model`` only), optimizer state
+  # sharded over ``data`` too (``optimizers.zero1_partition_specs``); state leaves with
+  # fewer elements than ``zero1_replicate_below`` stay replicated.
+  zero1: bool = False
+  zero1_replicate_below: int = 0
 
 
 def run(cfg: RunConfig) -> list[dict[str, float]]:
   """Trains; returns the per-step metrics (also appended to ``cfg.metrics``)."""
-  method = methods_lib.registry(cfg.rank, gpt_matrix_dims)[cfg.optimizer]
+  method = methods_lib.registry(cfg.rank, MATRIX_VIEW)[cfg.optimizer]
   peak = cfg.lr if cfg.lr is not None else method.lr
   schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(cfg.warmup, 1), max(cfg.steps, 2))
   tx = method.build(schedule)
@@ -224,13 +236,17 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
 
   graphdef, state = nnx.split(GPT(cfg.model, nnx.Rngs(cfg.seed)))
   params = nnx.to_pure_dict(state)
-  p_specs = jax.tree.map(lambda x: param_spec(x.shape, mesh), params)
+  p_specs = jax.tree.map(lambda x: param_spec(x.shape, mesh, cfg.zero1), params)
   p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), p_specs)
   params = jax.device_put(params, p_shard)
   s_specs = state_specs(tx, params, p_specs, mesh)
+  if cfg.zero1:
+    s_specs = opt.zero1_partition_specs(jax.eval_shape(tx.init, params), s_specs, mesh,
+                                        replicate_below=cfg.zero1_replicate_below)
   s_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), s_specs,
                          is_leaf=lambda x: isinstance(x, P))
   opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
+  state_mem = state_memory(opt_state)
   batch_shard = NamedSharding(mesh, P("data", None))
   # Loss-side EMA teacher (MESA), sharded like the parameters; an empty tuple otherwise.
   teacher = method.teacher() if method.teacher else None
@@ -317,6 +333,7 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
       loss = float(loss)
       record = {"step": step, "loss": loss, "grad_norm": float(gnorm),
                 "lr": float(schedule(step)), "step_time": time.perf_counter() - t0}
+      record.update(state_mem)
       history.append(record)
       if metrics_file:
         metrics_file.write(json.dumps(record) + "\n")
@@ -357,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--no-resume", action="store_true")
   p.add_argument("--metrics", default=None, help="JSONL metrics file (appended)")
   p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() first")
+  p.add_argument("--zero1", action="store_true",
+                 help="ZeRO-1: params replicated over data, optimizer state sharded over data")
+  p.add_argument("--zero1-replicate-below", type=int, default=0,
+                 help="with --zero1, state leaves with fewer elements stay replicated")
   a = p.parse_args(argv)
   if a.distributed:
     jax.distributed.initialize()
@@ -365,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   history = run(RunConfig(
       optimizer=a.optimizer, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
       seed=a.seed, model=model, mesh=a.mesh, ckpt_dir=a.ckpt_dir, ckpt_every=a.ckpt_every,
-      resume=not a.no_resume, metrics=a.metrics, rank=a.rank,
+      resume=not a.no_resume, metrics=a.metrics, rank=a.rank, zero1=a.zero1,
+      zero1_replicate_below=a.zero1_replicate_below,
   ))
   if history:
     print(f"final loss {history[-1]['loss']:.4f} after step {history[-1]['step']}")

@@ -4,6 +4,7 @@ Coordinate-wise clipping, SPECTRA spectral clipping, Newton–Schulz matrix
 functions, low-rank subspace optimizers (DCT, online PCA, SVD) and Sven.
 """
 
+from optimizers.clipped_adam import ScaleByClippedAdamState, clipped_adamw, scale_by_clipped_adam
 from optimizers.clipping import (
     ClipCoordinatewiseState,
     clip_coordinatewise,
@@ -14,30 +15,28 @@ from optimizers.curvature import (
     hessian_top_eigenvalue,
     hessian_vector_product,
 )
+from optimizers.dct import dct_matrix, dct_transform
 from optimizers.linalg import hard_spectral_clip, orthogonalize, soft_spectral_clip
-from optimizers.matrices import MatrixDims
+from optimizers.lowrank import dct_adamw, online_subspace_descent
+from optimizers.matrices import MatrixDims, MatrixRules, describe_matrix_dims, matrix_rules
+from optimizers.projectors import (
+    DctProjectorState,
+    OnlinePcaProjectorState,
+    Projector,
+    SvdProjectorState,
+    dct_projector,
+    online_pca_gradient,
+    online_pca_loss,
+    online_pca_projector,
+    svd_projector,
+)
+from optimizers.specs import subspace_partition_specs
 from optimizers.spectral import (
     SpectralClipState,
     spectra_adamw,
     spectra_threshold_schedule,
     spectral_clip,
 )
-from optimizers.subspace import (
-    DctProjectorState,
-    OnlinePcaProjectorState,
-    Projector,
-    SubspaceState,
-    SvdProjectorState,
-    dct_adamw,
-    dct_matrix,
-    dct_projector,
-    dct_transform,
-    online_pca_gradient,
-    online_pca_loss,
-    online_pca_projector,
-    online_subspace_descent,
-    subspace,
-    subspace_partition_specs,
-    svd_projector,
-)
+from optimizers.subspace import SubspaceState, subspace
+from optimizers.zero import zero1_partition_specs
 from optimizers.sven import ScaleBySvenState, scale_by_sven, sven, sven_leaf_paths

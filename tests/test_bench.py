@@ -32,17 +32,17 @@ def test_demo_ablation_tiny(monkeypatch, tmp_path):
   assert (tmp_path / "ablation.png").exists() and (tmp_path / "ablation.json").exists()
 
 
-def test_linear_map_dims_views_block_kernels_only():
+def test_lm_matrix_view_is_block_kernels_only():
   """Attention q/k/v/out and MLP kernels are matrices (attention as d_model x d_model);
   embeddings, positions, the head, biases and norms are not."""
   import jax
 
   from bench import lm
-  from optimizers.matrices import matrix_shape
+  from optimizers.matrices import matrix_shape, resolve_matrix_dims
 
   cfg = lm.LMConfig(d_model=16, num_layers=2, num_heads=2, d_ff=32, seq_len=8)
   _, params = lm.build(cfg)
-  dims = lm.linear_map_dims(params)
+  dims = resolve_matrix_dims(lm.MATRIX_VIEW, params)
   views = {}
   for (path, leaf), d in zip(
       jax.tree_util.tree_flatten_with_path(params)[0],
