@@ -79,6 +79,19 @@ def test_hand_derived_two_coordinates():
   np.testing.assert_allclose(out, 2 * np.array([3.1, -4.1]), rtol=1e-6)
 
 
+def test_default_rho_is_0_05_for_sam_and_0_5_for_asam():
+  loss = lambda w: jnp.sum(w**2)
+  w = jnp.array([3.0, 4.0])
+  for kwargs, rho in [({}, 0.05), ({"adaptive": True}, 0.5), ({"adaptive": True, "rho": 0.05},
+                                                             0.05)]:
+    g = jax.grad(loss)(w)
+    e = reference_e(np.asarray(g, np.float64), np.asarray(w, np.float64), rho,
+                    adaptive=kwargs.get("adaptive", False))
+    _, state = sam_update(sam(**kwargs), w, loss)
+    np.testing.assert_allclose(state.perturbation_norm, np.linalg.norm(e), rtol=1e-6)
+    np.testing.assert_allclose(sam_perturbation(g, w, **kwargs), e, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -118,16 +131,51 @@ def test_bf16_params_keep_dtype_and_match_reference():
   w = flat64(params)
   g = a @ w + b
   e = reference_e(g, w, 0.2)
-  # Perturbed point rounded to bf16 as the model sees it; gradient computed in f32.
-  pert = flat64(jax.tree.map(lambda x: x.astype(jnp.bfloat16), ravel_pytree(
-      jax.tree.map(lambda x: x.astype(jnp.float32), params))[1](jnp.asarray(w + e, jnp.float32))))
-  expected = a @ pert + b
+  # grad_fn sees w + e unrounded (float32), so the SAM gradient is A (w + e) + b.
+  expected = a @ (w + e) + b
   out, state = sam_update(sam(0.2), params, loss)
   for leaf in jax.tree.leaves(out):
     assert leaf.dtype == jnp.bfloat16
-  # Incoming bf16 gradient and bf16 output: relative tolerance a few bf16 ulps.
+  # Incoming bf16 gradient and bf16 output: a few bf16 ulps.
   np.testing.assert_allclose(flat64(out), expected, atol=2e-2 * np.max(np.abs(expected)))
   assert state.grad_norm.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_bf16_perturbation_norm_at_1e5_params(adaptive):
+  # Rounded back to bf16, w + e moved by 0.017 instead of rho = 0.05 at 1e5
+  # parameters; grad_fn must see a point within 5% of the intended distance.
+  rng = np.random.default_rng(11)
+  params = {"w": jnp.asarray(rng.standard_normal((200, 300)), jnp.bfloat16),
+            "b": jnp.asarray(rng.standard_normal((4, 100, 100)), jnp.bfloat16)}
+  grads = jax.tree.map(lambda w: jnp.asarray(rng.standard_normal(w.shape), jnp.bfloat16), params)
+  seen = []
+
+  def grad_fn(p):
+    seen.append(p)
+    return jax.tree.map(jnp.zeros_like, p)
+
+  rho = 0.05
+  tx = sam(rho, adaptive=adaptive)
+  tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+  w, gv = flat64(params), flat64(grads)
+  dist = np.linalg.norm(flat64(seen[0]) - w)
+  expected = np.linalg.norm(reference_e(gv, w, rho, adaptive=adaptive))
+  assert abs(dist - expected) <= 0.05 * expected, (dist, expected)
+  # m-sharpness hands its grad_fn the same unrounded point.
+  seen.clear()
+  loss = lambda p, x: sum(jnp.sum(v.astype(jnp.float32) * g.astype(jnp.float32))
+                          for v, g in zip(jax.tree.leaves(p), jax.tree.leaves(grads),
+                                          strict=True)) * jnp.mean(x)
+
+  def recording_loss(p, x):
+    jax.debug.callback(lambda q: seen.append(q), p)
+    return loss(p, x)
+
+  m_sharpness_gradient(recording_loss, params, jnp.ones((2, 1)), num_groups=1, rho=rho,
+                       adaptive=adaptive)
+  dists = [np.linalg.norm(flat64(q) - w) for q in seen]
+  assert abs(max(dists) - expected) <= 0.05 * expected, (dists, expected)
 
 
 @pytest.mark.parametrize(
