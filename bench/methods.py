@@ -120,9 +120,8 @@ def registry(
   dims = weight_dimension_numbers
   methods = [
       Method("adamw", lambda lr: optax.adamw(lr, weight_decay=wd), 3e-3),
-      Method("adamw+clip", lambda lr: optax.chain(
-          opt.clip_coordinatewise(0.05), optax.adamw(lr, weight_decay=wd)), 3e-3,
-             note="top 5% of coordinates clipped"),
+      Method("adamw+clip", lambda lr: opt.clipped_adamw(lr, 0.05, weight_decay=wd), 3e-3,
+             note="clipped_adamw: top 5% of coordinates clipped in the first moment only"),
       Method("sgd", lambda lr: optax.sgd(lr, momentum=0.9), 0.3),
       Method("sgd+clip", lambda lr: optax.chain(
           opt.clip_coordinatewise(0.05), optax.sgd(lr, momentum=0.9)), 0.3,
