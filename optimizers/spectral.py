@@ -33,20 +33,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optimizers._checks import check_nonnegative, check_positive, check_real_floating
+from optimizers._moments import scale_by_adam
+from optimizers._trees import tree_l2_norm
+from optimizers.distributed import STRATEGIES, map_matrix_leaves
 from optimizers.linalg import (
     SIGN_STEPS,
     SOFT_NS_STEPS,
     hard_spectral_clip,
     soft_spectral_clip,
-    tree_l2_norm,
 )
 from optimizers.matrices import (
     WeightDimensionNumbers,
-    check_real_floating,
-    from_matrix,
     matrix_shape,
     resolve_matrix_dims,
-    to_matrix,
 )
 
 __all__ = [
@@ -75,25 +75,6 @@ class SpectralClipState(NamedTuple):
 
   count: jax.Array
   norm_ratio: jax.Array
-
-
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
-def _check_positive(name: str, value: Any) -> None:
-  if callable(value) or not _is_concrete(value):
-    return
-  value64 = np.asarray(value, dtype=np.float64)
-  if not np.all((value64 > 0) & np.isfinite(value64)):
-    raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-  if callable(value) or not _is_concrete(value):
-    return
-  if not np.all(np.asarray(value, dtype=np.float64) >= 0):
-    raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
 def _check_steps(ns_steps: Any, sign_steps: Any) -> int:
@@ -128,6 +109,8 @@ def spectral_clip(
     ns_steps: int | None = None,
     sign_steps: tuple[int, int] = SIGN_STEPS,
     weight_dimension_numbers: WeightDimensionNumbers = None,
+    param_specs: Any = None,
+    sharding_strategy: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips the singular values of every matrix leaf of the updates (no SVD).
 
@@ -153,6 +136,14 @@ def spectral_clip(
       optax ``MuonDimensionNumbers``/``GaLoreDimensionNumbers``) for every
       leaf with ``ndim >= 2``, a pytree of those (``None`` = pass the leaf
       through) or a callable ``params -> pytree``.
+    param_specs: the params' ``PartitionSpec`` tree (``None``: replicated), for
+      sharded updates under ``Auto`` mesh axes, whose array types carry no spec
+      (under ``Explicit`` axes the specs are read from the arrays).
+    sharding_strategy: how sharded matrices are clipped
+      (:func:`optimizers.distributed.owner_computes`): ``"auto"`` (whole
+      matrices on owner devices, one all-to-all in and one out, no
+      collective inside the iterations), ``"owner"``, ``"replicate"`` or
+      ``"gspmd"`` (XLA partitions every product).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is a
@@ -171,10 +162,12 @@ def spectral_clip(
   References:
     Jiang, Semenov, Stich, "SPECTRA: spectral clipping", https://arxiv.org/abs/2603.14315
   """
-  _check_positive("max_singular_value", max_singular_value)
+  check_positive("max_singular_value", max_singular_value)
   if mode not in _MODES:
     raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
   ns_steps = _check_steps(ns_steps, sign_steps)
+  if sharding_strategy not in STRATEGIES:
+    raise ValueError(f"sharding_strategy must be one of {STRATEGIES}, got {sharding_strategy!r}")
 
   def clip(x: jax.Array, c: jax.Array) -> jax.Array:
     if mode == "soft":
@@ -194,17 +187,15 @@ def spectral_clip(
     dims_tree = resolve_matrix_dims(
         weight_dimension_numbers, _dims_source(weight_dimension_numbers, updates, params)
     )
-    leaves, treedef = jax.tree.flatten(updates)
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    leaves = [x for _, x in with_path]
     dims = treedef.flatten_up_to(dims_tree)
-    out, clipped_in, clipped_out = [], [], []
-    for x, d in zip(leaves, dims, strict=True):
-      if d is None:
-        out.append(x)
-        continue
-      y = from_matrix(clip(to_matrix(x, d), c), d, x.shape)
-      clipped_in.append(x)
-      clipped_out.append(y)
-      out.append(y)
+    specs = None if param_specs is None else treedef.flatten_up_to(param_specs)
+    out = map_matrix_leaves(
+        clip, leaves, dims, args=(jnp.asarray(c),), param_specs=specs,
+        strategy=sharding_strategy, names=[jax.tree_util.keystr(p) for p, _ in with_path])
+    clipped_in = [x for x, d in zip(leaves, dims, strict=True) if d is not None]
+    clipped_out = [y for y, d in zip(out, dims, strict=True) if d is not None]
     # Overflow-safe norms: sum(x^2) would overflow (NaN ratio) for |x| ~ 1e19 in float32.
     norm_in, norm_out = tree_l2_norm(clipped_in), tree_l2_norm(clipped_out)
     ratio = jnp.where(norm_in > 0, norm_out / jnp.where(norm_in > 0, norm_in, 1.0), 1.0)
@@ -342,6 +333,9 @@ def spectra_adamw(
     warmup_steps: int | None = None,
     mu_dtype: Any | None = None,
     weight_dimension_numbers: WeightDimensionNumbers = None,
+    param_specs: Any = None,
+    sharding_strategy: str = "auto",
+    nu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with its direction spectrally post-clipped (SPECTRA).
 
@@ -383,8 +377,15 @@ def spectra_adamw(
     sign_steps: matrix-sign iterations of the hard clip.
     shape_factor: apply ``a = sqrt(max(1, fan_out / fan_in))``.
     warmup_steps: warm-up length for the threshold schedule (see above).
-    mu_dtype: dtype of Adam's first moment.
+    mu_dtype: storage dtype of Adam's first moment (``None``: the parameter's
+      dtype). The moments are updated and the direction computed in float32
+      whatever the storage, so ``"bfloat16"`` halves the moments' bytes at the
+      cost of rounding only the stored values.
     weight_dimension_numbers: matrix view (see :func:`spectral_clip`).
+    param_specs: the params' ``PartitionSpec`` tree, needed for the
+      owner-computes clip under ``Auto`` mesh axes (see :func:`spectral_clip`).
+    sharding_strategy: how sharded matrices are clipped (see :func:`spectral_clip`).
+    nu_dtype: storage dtype of Adam's second moment (as ``mu_dtype``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` returning ``-lr * direction``.
@@ -405,10 +406,10 @@ def spectra_adamw(
     Jiang, Semenov, Stich, "SPECTRA: spectral clipping", https://arxiv.org/abs/2603.14315;
     Loshchilov & Hutter, AdamW, https://arxiv.org/abs/1711.05101
   """
-  _check_positive("max_singular_value", max_singular_value)
-  _check_nonnegative("weight_decay", weight_decay)
+  check_positive("max_singular_value", max_singular_value)
+  check_nonnegative("weight_decay", weight_decay)
   if pre_clip is not None:
-    _check_positive("pre_clip", pre_clip)
+    check_positive("pre_clip", pre_clip)
   if mode not in _MODES:
     raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
   _check_steps(ns_steps, sign_steps)
@@ -419,10 +420,11 @@ def spectra_adamw(
       raise ValueError(f"warmup_steps must be a Python int >= 0 or None, got {warmup_steps!r}")
     threshold = max_singular_value
   clip_kw = dict(mode=mode, ns_steps=ns_steps, sign_steps=sign_steps,
-                 weight_dimension_numbers=weight_dimension_numbers)
+                 weight_dimension_numbers=weight_dimension_numbers, param_specs=param_specs,
+                 sharding_strategy=sharding_strategy)
   return optax.chain(
       spectral_clip(pre_clip, **clip_kw) if pre_clip is not None else _real_floating_updates(),
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+      scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
       spectral_clip(threshold, **clip_kw),
       scale_by_shape_factor(weight_dimension_numbers) if shape_factor else optax.identity(),
       optax.add_decayed_weights(weight_decay, mask),

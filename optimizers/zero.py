@@ -80,7 +80,7 @@ def zero1_partition_specs(
     >>> state = {"mu": jnp.zeros((6, 16)), "count": jnp.zeros((), jnp.int32)}
     >>> zero1_partition_specs(state, {"mu": P(None, "model"), "count": P()},
     ...                       {"data": 4, "model": 2})
-    {'count': PartitionSpec(), 'mu': PartitionSpec(None, ('model', 'data'))}
+    {'count': P(), 'mu': P(None, ('model', 'data'))}
   """
   sizes = _mesh_sizes(mesh)
   if data_axis not in sizes:

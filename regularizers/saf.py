@@ -306,6 +306,7 @@ def mesa(
     *,
     temperature: float | jax.Array = 5.0,
     weight: float | jax.Array = 0.8,
+    teacher_dtype: Any = None,
 ) -> MESA:
   r"""Memory-Efficient Sharpness-Aware training: distil from an EMA teacher.
 
@@ -320,7 +321,8 @@ def mesa(
 
   with the teacher's logits ``f_v(x_i)`` computed on the same batch in eval
   mode (one extra forward pass, no backward) and under stop_gradient. No
-  per-example buffer; the state is one float32 copy of the parameters.
+  per-example buffer; the state is one copy of the parameters (float32, or
+  ``teacher_dtype``).
 
   Training loop::
 
@@ -348,6 +350,12 @@ def mesa(
       teacher the current weights.
     temperature: ``tau > 0``.
     weight: ``lambda >= 0`` (0.8 in the paper).
+    teacher_dtype: storage dtype of the teacher (``None``: the params' dtype
+      promoted to at least float32). The EMA is computed in float32 from the
+      stored teacher and only the result is rounded, so ``"bfloat16"`` halves the
+      teacher's bytes; with ``decay`` close to 1 a bf16 teacher moves only when
+      ``(1 - decay) |w - v|`` exceeds bf16's rounding step near ``v`` (about
+      ``|v| / 256``): keep float32 for slow EMAs.
 
   Returns:
     A :class:`MESA` with pure functions
@@ -380,13 +388,27 @@ def mesa(
   if _is_concrete(weight) and not weight >= 0:
     raise ValueError(f"weight must be >= 0, got weight={weight}.")
 
+  if teacher_dtype is not None:
+    try:
+      teacher_dtype = jnp.dtype(teacher_dtype)
+    except TypeError as e:
+      raise ValueError(f"teacher_dtype must be a floating dtype or None, got "
+                       f"teacher_dtype={teacher_dtype!r}.") from e
+    if not jnp.issubdtype(teacher_dtype, jnp.floating):
+      raise ValueError(f"teacher_dtype must be a floating dtype or None, got "
+                       f"teacher_dtype={teacher_dtype!r}.")
+  wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
   def init_fn(params: Any) -> MESAState:
-    teacher = jax.tree.map(lambda w: w.astype(jnp.promote_types(w.dtype, jnp.float32)), params)
+    teacher = jax.tree.map(
+        lambda w: w.astype(teacher_dtype) if teacher_dtype is not None else wide(w), params)
     return MESAState(teacher=teacher, count=jnp.zeros([], jnp.int32))
 
   def update_teacher_fn(state: MESAState, params: Any) -> MESAState:
-    new = jax.tree.map(lambda w, v: w.astype(v.dtype), params, state.teacher)
-    teacher = optax.incremental_update(new, state.teacher, 1.0 - decay)
+    # computed in (at least) float32 from the stored teacher; only the result is rounded
+    new = jax.tree.map(lambda w, v: wide(w.astype(jnp.promote_types(w.dtype, v.dtype))),
+                       params, state.teacher)
+    teacher = optax.incremental_update(new, jax.tree.map(wide, state.teacher), 1.0 - decay)
     teacher = jax.tree.map(lambda t, v: t.astype(v.dtype), teacher, state.teacher)
     return MESAState(teacher=teacher, count=optax.safe_increment(state.count))
 

@@ -333,7 +333,7 @@ def test_saf_and_mesa_resume_from_orbax_bit_identical(tmp_path):
 MATRICES = [(1, 8, 12), (4, 8, 12), (1, 12, 4)]  # dense/kernel, stack, head
 VECTORS = [12]  # dense/bias
 P = sum(b * m * n for b, m, n in MATRICES) + sum(VECTORS)
-F32, I32 = 4, 4
+F32, I32, BF16 = 4, 4, 2
 
 
 def _subspace_bytes(rank: int, projector: str, inner_moments: int, side: str = "smaller") -> int:
@@ -360,6 +360,7 @@ STATE_BYTES = {
     "spectral_clip_soft": I32 + F32,
     "spectral_clip_hard": I32 + F32,
     "spectra_adamw": 2 * P * F32 + ADAM_COUNT + (I32 + F32),
+    "spectra_adamw_bf16_moments": 2 * P * BF16 + ADAM_COUNT + (I32 + F32),
     "spectra_adamw_hard_preclip": 2 * P * F32 + ADAM_COUNT + 2 * (I32 + F32),
     "subspace_dct": _subspace_bytes(2, "dct", 2) + ADAM_COUNT,
     "subspace_dct_l1_rotate_larger": _subspace_bytes(3, "dct", 2, "larger") + ADAM_COUNT,
