@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from _reference import rel_err, singular_values, with_spectrum
 from optimizers import linalg
 from optimizers.linalg import (
     hard_spectral_clip,
@@ -45,23 +46,6 @@ def svd_map(x, f):
   """``U f(S) V^T`` per trailing matrix, float64."""
   u, s, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
   return (u * f(s)[..., None, :]) @ vt
-
-
-def with_spectrum(rng, m, n, s, batch=()):
-  """Random ``U diag(s) V^T`` of shape ``batch + (m, n)`` (float64)."""
-  k = min(m, n)
-  u, _ = np.linalg.qr(rng.standard_normal(batch + (m, k)))
-  v, _ = np.linalg.qr(rng.standard_normal(batch + (n, k)))
-  return (u * np.asarray(s)) @ np.swapaxes(v, -1, -2)
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
-
-
-def singular_values(x):
-  return np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
 
 
 # ---------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 The matrix functions themselves (accuracy, invariances, sharding) are tested in
 test_linalg.py; here: the transforms' matrix views (default, stacked, explicit
-dims), dtypes, thresholds, the SPECTRA update rule (SPECS.md section 5) and bad
-input. Every configuration is compiled once (compilation dominates on CPU).
+dims), dtypes, thresholds, the SPECTRA update rule (as documented in
+``spectra_adamw``) and bad input. Every configuration is compiled once (compilation
+dominates on CPU).
 """
 
 import math
@@ -15,6 +16,7 @@ import optax
 import pytest
 from optax.contrib import MuonDimensionNumbers
 
+from _reference import rel_err, singular_values, with_spectrum
 from optimizers import MatrixDims, spectra_adamw, spectra_threshold_schedule, spectral_clip
 
 # ---------------------------------------------------------------------------
@@ -40,23 +42,6 @@ def clip_last_two_ref(x, c, mode):
   for idx in np.ndindex(x.shape[:-2]):
     out[idx] = clip_matrix_ref(x[idx], c, mode)
   return out
-
-
-def with_spectrum(rng, m, n, s):
-  """Random ``U diag(s) V^T`` (float64) with orthonormal ``U``, ``V``."""
-  k = min(m, n)
-  u, _ = np.linalg.qr(rng.standard_normal((m, k)))
-  v, _ = np.linalg.qr(rng.standard_normal((n, k)))
-  return (u * np.asarray(s)) @ v.T
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
-
-
-def singular_values(x):
-  return np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
 
 
 # ---------------------------------------------------------------------------
@@ -279,7 +264,7 @@ def shape_factor(shape):
 def spectra_adamw_ref(params, grads_seq, *, lr, c, b1=0.9, b2=0.999, eps=1e-8,
                       weight_decay=0.0, wd_mask=None, pre_clip=None, mode="soft",
                       use_shape_factor=True):
-  """Updates of SPECS.md 5 step by step: ``-lr_t (a H_{c_t}(U_t) + wd W_t)`` per matrix,
+  """The SPECTRA updates step by step: ``-lr_t (a H_{c_t}(U_t) + wd W_t)`` per matrix,
   ``U_t`` the bias-corrected Adam direction of the (optionally pre-clipped) gradient."""
   params = {k: np.asarray(v, np.float64) for k, v in params.items()}
   mu = {k: np.zeros_like(v) for k, v in params.items()}
@@ -343,7 +328,7 @@ C_POST = 2.0
 
 
 def reference_threshold(t):
-  """SPECS.md 5: ``c_t = c lr_peak / lr_t`` during the warm-up, ``c`` afterwards."""
+  """The SPECTRA threshold: ``c_t = c lr_peak / lr_t`` during the warm-up, ``c`` afterwards."""
   return C_POST * 1e-2 / float(LR(t)) if t < WARMUP else C_POST
 
 
@@ -428,7 +413,7 @@ def test_threshold_schedule_linear_warmup_from_zero_and_no_warmup():
 
 
 # ---------------------------------------------------------------------------
-# Bad input (API.md): ValueError at construction naming the argument.
+# Bad input: ValueError at construction naming the argument.
 # ---------------------------------------------------------------------------
 
 
