@@ -18,12 +18,21 @@ Runs on whatever devices exist (TPU, GPU, or CPU with
   ``optimizers.subspace_partition_specs`` (parameter-shaped state takes its
   parameter's spec; projectors, indices and rank-space moments get the specs
   documented there; scalars are replicated).
+* ``--zero1``: ZeRO-1. Parameters replicated over ``data`` (sharded over
+  ``model`` only), optimizer state sharded over ``data`` too
+  (``optimizers.zero1_partition_specs``: each state leaf's largest divisible
+  axis); the metrics record ``state_bytes`` and ``state_bytes_per_device``.
 * The jitted step donates params and state. Every batch is a function of
   ``(seed, step)`` alone, so a run resumed from a checkpoint sees the same data
   and reproduces the uninterrupted loss trajectory bit for bit.
-* Multi-host: call ``jax.distributed.initialize()`` (``--distributed``) before
-  anything else on every host; the mesh then spans all hosts' devices and
-  orbax writes one checkpoint collectively (see README).
+* Multi-host: ``--distributed`` calls ``jax.distributed.initialize()`` before
+  anything else on every process (``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; see :func:`initialize_distributed`);
+  the mesh then spans all processes' devices, every process builds the same
+  batches and fills its own shards, and orbax writes one checkpoint
+  collectively (see README).
+* At start it prints the compiled step's collective bytes per device and flops
+  (from the compiled program), what the configuration will cost.
 """
 
 from __future__ import annotations
@@ -230,7 +239,6 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   method = methods_lib.registry(cfg.rank, MATRIX_VIEW)[cfg.optimizer]
   peak = cfg.lr if cfg.lr is not None else method.lr
   schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(cfg.warmup, 1), max(cfg.steps, 2))
-  tx = method.build(schedule)
   mesh = make_mesh(cfg.mesh)
   train_data, _ = load_corpus(max_bytes=1_000_000)
 
@@ -238,7 +246,10 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   params = nnx.to_pure_dict(state)
   p_specs = jax.tree.map(lambda x: param_spec(x.shape, mesh, cfg.zero1), params)
   p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), p_specs)
-  params = jax.device_put(params, p_shard)
+  params = put_global(params, p_shard)
+  # With the params' specs, the matrix methods compute whole matrices on owner devices.
+  method = methods_lib.registry(cfg.rank, MATRIX_VIEW, p_specs)[cfg.optimizer]
+  tx = method.build(schedule)
   s_specs = state_specs(tx, params, p_specs, mesh)
   if cfg.zero1:
     s_specs = opt.zero1_partition_specs(jax.eval_shape(tx.init, params), s_specs, mesh,
@@ -315,18 +326,23 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
       params, opt_state = restored["params"], restored["opt_state"]
       teacher_state, start = restored["teacher"], latest
 
-  metrics_file = open(cfg.metrics, "a") if cfg.metrics else None  # noqa: SIM115
+  lead = jax.process_index() == 0  # one process writes metrics and progress
+  metrics_file = open(cfg.metrics, "a") if cfg.metrics and lead else None  # noqa: SIM115
   history = []
   steps = range(start, cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after))
-  if cfg.progress:
+  batch = lambda step: put_global(
+      batch_for_step(train_data, cfg.seed, step, cfg.batch_size, cfg.model.seq_len), batch_shard)
+  if len(steps):  # what the configuration costs, from the compiled program, before it runs
+    step_fn = step_fn.lower(params, opt_state, teacher_state, batch(steps[0])).compile()
+    if lead:
+      print(compiled_step_summary(step_fn), flush=True)
+  if cfg.progress and lead:
     from bench.common import progress
 
     steps = progress(steps, f"pretrain {cfg.optimizer}", total=cfg.steps, initial=start)
   try:
     for step in steps:
-      tokens = jax.device_put(
-          batch_for_step(train_data, cfg.seed, step, cfg.batch_size, cfg.model.seq_len),
-          batch_shard)
+      tokens = batch(step)
       t0 = time.perf_counter()
       params, opt_state, teacher_state, loss, gnorm = step_fn(params, opt_state, teacher_state,
                                                               tokens)
@@ -351,6 +367,47 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   return history
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Host values (the same on every process) as global arrays with ``shardings``; each
+  process fills only its own devices' shards (works with one process or several)."""
+
+  def put(x, sharding):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree, shardings)
+
+
+def compiled_step_summary(compiled: Any) -> str:
+  """One line: the compiled step's collectives (bytes per device, by kind) and flops."""
+  from bench.hlo import compiled_figures
+
+  f = compiled_figures(compiled)
+  c = f["collectives"]
+  kinds = ", ".join(f"{k} {v['count']}" for k, v in c["by_kind"].items()) or "none"
+  return (f"compiled step: {c['bytes'] / 2**20:.2f} MiB of collectives per device ({kinds}), "
+          f"{f['flops'] / 1e9:.3g} GFLOP per device, {f['temp_bytes'] / 2**20:.1f} MiB temporaries")
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize`` for ``--distributed``.
+
+  Environment: ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0, read by JAX),
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read here; on managed clusters, leave
+  all three unset and JAX detects them). CPU collectives across processes use gloo.
+  """
+  import os
+
+  if jax.distributed.is_initialized():
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+  jax.distributed.initialize(
+      num_processes=None if count is None else int(count),
+      process_id=None if index is None else int(index),
+  )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--ckpt-dir", default=None)
   p.add_argument("--ckpt-every", type=int, default=0)
   p.add_argument("--no-resume", action="store_true")
+  p.add_argument("--stop-after", type=int, default=None,
+                 help="stop after this step (the schedule still spans --steps)")
   p.add_argument("--metrics", default=None, help="JSONL metrics file (appended)")
   p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() first")
   p.add_argument("--zero1", action="store_true",
@@ -380,14 +439,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                  help="with --zero1, state leaves with fewer elements stay replicated")
   a = p.parse_args(argv)
   if a.distributed:
-    jax.distributed.initialize()
+    initialize_distributed()
   model = GPTConfig(d_model=a.d_model, num_layers=a.layers, num_heads=a.heads, d_ff=a.d_ff,
                     seq_len=a.seq_len, scan_layers=a.scan_layers)
   history = run(RunConfig(
       optimizer=a.optimizer, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
       seed=a.seed, model=model, mesh=a.mesh, ckpt_dir=a.ckpt_dir, ckpt_every=a.ckpt_every,
-      resume=not a.no_resume, metrics=a.metrics, rank=a.rank, zero1=a.zero1,
-      zero1_replicate_below=a.zero1_replicate_below,
+      resume=not a.no_resume, metrics=a.metrics, rank=a.rank, stop_after=a.stop_after,
+      zero1=a.zero1, zero1_replicate_below=a.zero1_replicate_below,
   ))
   if history:
     print(f"final loss {history[-1]['loss']:.4f} after step {history[-1]['step']}")
