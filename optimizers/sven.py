@@ -125,11 +125,19 @@ def _replicated() -> jax.sharding.PartitionSpec | None:
 
 
 def _gram_of_blocks(blocks: Any) -> jax.Array:
-  """``M M^T = sum_l M_l M_l^T`` from per-leaf Jacobian blocks ``(B, *leaf_shape)``."""
-  terms = [
-      jnp.einsum("b...,c...->bc", j, j, precision=_HIGHEST, out_sharding=_replicated())
-      for j in jax.tree.leaves(blocks)
-  ]
+  """``M M^T = sum_l M_l M_l^T`` from per-leaf Jacobian blocks ``(B, *leaf_shape)``.
+
+  Without a mesh each block is viewed as a ``(B, P_l)`` matrix (XLA's CPU dot runs a
+  plain 2-D product markedly faster than the multi-axis contraction); on an explicit
+  mesh the contraction keeps the leaf's own axes (and shardings).
+  """
+  rep = _replicated()
+  if rep is None:
+    mats = [jnp.reshape(j, (j.shape[0], -1)) for j in jax.tree.leaves(blocks)]
+    terms = [jnp.matmul(m, m.T, precision=_HIGHEST) for m in mats]
+  else:
+    terms = [jnp.einsum("b...,c...->bc", j, j, precision=_HIGHEST, out_sharding=rep)
+             for j in jax.tree.leaves(blocks)]
   return sum(terms[1:], terms[0])
 
 
@@ -140,6 +148,10 @@ def _rotate_blocks(t: jax.Array, blocks: Any) -> Any:
 
 def _blocks_transpose_times(blocks: Any, w: jax.Array) -> Any:
   """``M^T w`` per leaf."""
+  if _replicated() is None:
+    return jax.tree.map(
+        lambda j: jnp.matmul(w, jnp.reshape(j, (j.shape[0], -1)),
+                             precision=_HIGHEST).reshape(j.shape[1:]), blocks)
   return jax.tree.map(lambda j: jnp.einsum("b,b...->...", w, j, precision=_HIGHEST), blocks)
 
 
@@ -577,17 +589,24 @@ def scale_by_sven(
       if rows is not None:
         g = rows.apply(rows.apply(g).T).T
       r_used = row_apply(r)
-      u, s = _spectrum(*_sorted_eigh(g), rank, rtol,
-                       lambda t: jnp.matmul(t.T, jnp.matmul(g, t, precision=_HIGHEST),
-                                            precision=_HIGHEST))
+
+      def rotated_gram(t):  # (T^T M)(T^T M)^T from rotated rows, dense leaves in chunks
+        t = jax.vmap(row_t, in_axes=1, out_axes=1)(t)
+        terms = [_ghost_rotated_gram(a, gc, t) for a, gc in factors]
+        if free_rows:
+          terms.append(_gram_of_blocks(_rotate_blocks(t, free_rows)))
+        return sum(terms[1:], terms[0])
+
+      u, s = _spectrum(*_sorted_eigh(g), rank, rtol, rotated_gram)
       check = g
       keep = _keep_mask(s, rank, rtol)
       w = row_t(_pinv_weights(u, s, keep, r_used))
       out = [None] * len(leaves)
       for use, (a, gc) in zip(uses, factors, strict=True):
         out[use.leaf] = _ghost_transpose_times(use, leaves[use.leaf], a, gc, w)
-      for i, rws in free_rows.items():
-        out[i] = jnp.einsum("b,b...->...", w, rws, precision=_HIGHEST)
+      for i, rws in zip(free_rows, _blocks_transpose_times(list(free_rows.values()), w),
+                        strict=True):
+        out[i] = rws
       delta = jax.tree.unflatten(treedef, out)
       d = None
     elif materialise:
@@ -1077,6 +1096,30 @@ def _ghost_gram(a: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.sum(aa * gg, axis=(1, 3))
   rows = jnp.einsum("itk,itn->ikn", a, g, precision=_HIGHEST)  # per-example gradients
   return jnp.einsum("ikn,jkn->ij", rows, rows, precision=_HIGHEST, out_sharding=rep)
+
+
+def _ghost_rotated_gram(a: jax.Array, g: jax.Array, t: jax.Array) -> jax.Array:
+  """``X X^T`` for the rotated rows ``X_c = sum_i t_ic (per-example gradient i)`` of a
+  dense leaf, formed a block of the leaf's input axis at a time (the refinement pass:
+  rounding relative to the whitened rows, never the ``n x P_l`` rows at once)."""
+  n, tt, k = a.shape
+  nn = g.shape[2]
+  c = t.shape[1]
+  length = n * tt
+  budget = 1 << 18  # floats per intermediate (1 MiB): temporaries stay small
+  kc = int(max(1, min(k, budget // max(1, c * nn), budget // max(1, c * length))))
+  steps = -(-k // kc)
+  a = jnp.pad(a.reshape(length, k), ((0, 0), (0, steps * kc - k)))
+  a = a.reshape(length, steps, kc).transpose(1, 0, 2)
+  weights = jnp.repeat(t, tt, axis=0)  # (n * T, c): row i's weight on each token
+  gl = g.reshape(length, nn)
+
+  def body(acc, a_chunk):
+    x = jnp.einsum("lc,lk,ln->ckn", weights, a_chunk, gl, precision=_HIGHEST)
+    x = x.reshape(c, -1)
+    return acc + jnp.matmul(x, x.T, precision=_HIGHEST), None
+
+  return jax.lax.scan(body, jnp.zeros((c, c), g.dtype), a)[0]
 
 
 def _ghost_transpose_times(use: _DenseUse, leaf: jax.Array, a: jax.Array, g: jax.Array,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import chex
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from optimizers import ScaleBySvenState, scale_by_sven, sven
+from optimizers import ScaleBySvenState, scale_by_sven, sven, sven_leaf_paths
 
 # "auto" picks "svd" when P <= 2 B, else "gram" (test_auto_picks_svd_...): not repeated here.
 EXACT = [("gram", None), ("svd", None), ("gram", 5)]
@@ -446,3 +447,188 @@ def test_bad_update_arguments():
     tx.update(params, state, params, residual_fn=lambda p: jnp.stack([residual_fn(p)] * 2))
   with pytest.raises(ValueError, match="residual_fn"):
     tx.update(params, state, params, residual_fn=lambda p: jnp.sum(residual_fn(p)))
+
+
+# --------------------------------------------------------------------------------------
+# Separable residuals: example_residual_fn + batch (per-example rows, ghost Gram)
+# --------------------------------------------------------------------------------------
+
+
+def mlp_example(p, example):
+  """The MLP residual of one example: its kernels enter through matmuls, the stacked
+  leaf twice (indexed), the biases through adds."""
+  x, y = example
+  p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+  h = jnp.tanh(x @ p["inp"]["kernel"] + p["inp"]["bias"])
+  for layer in range(2):
+    h = jnp.tanh(h @ p["stack"][layer])
+  return h @ p["out"] - y
+
+
+@functools.cache
+def separable_step(example_fn, rank, opts):
+  tx = scale_by_sven(rank, **dict(opts))
+
+  def step(updates, state, params, batch):
+    return tx.update(updates, state, params, example_residual_fn=example_fn, batch=batch)
+
+  return tx, jax.jit(step)
+
+
+def run_separable(example_fn, batch, params, rank, *, state=None, updates=None, **opts):
+  tx, step = separable_step(example_fn, rank, tuple(sorted(opts.items())))
+  state = tx.init(params) if state is None else state
+  return step(params if updates is None else updates, state, params, batch)
+
+
+def jacobian_reference(whole_fn, params):
+  """(M, r) in float64 from the float32 Jacobian of the whole-batch residuals."""
+  jac = jax.jacrev(whole_fn)(params)
+  m = np.concatenate([np.asarray(j, np.float64).reshape(j.shape[0], -1)
+                      for j in jax.tree.leaves(jac)], axis=1)
+  return m, np.asarray(whole_fn(params), np.float64)
+
+
+@pytest.mark.parametrize("opts", [(), (("ghost", False),), (("method", "svd"),)],
+                         ids=["ghost", "per_example", "svd"])
+def test_separable_step_equals_truncated_pinv(opts):
+  params, data = mlp_problem(seed=21, num=12)
+  m, r = mlp_reference(params, data)
+  for rank in (3, 12):
+    expected, kept = truncated_pinv_step(m, r, rank, 1e-3)
+    delta, state = run_separable(mlp_example, data, params, rank, **dict(opts))
+    assert rel_err(flat(delta), expected) < 1e-4
+    assert int(state.effective_rank) == kept.size
+    np.testing.assert_allclose(np.asarray(state.singular_values)[: kept.size], kept, rtol=1e-4)
+
+
+def test_leaf_paths_of_the_mlp():
+  params, (x, y) = mlp_problem(seed=22, num=4)
+  paths = sven_leaf_paths(mlp_example, params, (x, y))
+  assert paths == {
+      "['inp']['bias']": "per_example (used by add)",
+      "['inp']['kernel']": "ghost",
+      "['out']": "ghost",
+      "['stack']": paths["['stack']"],
+  }
+  assert paths["['stack']"].startswith("per_example")  # indexed twice: not one matmul
+  declared = {"inp": {"kernel": False, "bias": None}, "stack": None, "out": None}
+  paths = sven_leaf_paths(mlp_example, params, (x, y), dense_leaves=declared)
+  assert paths["['inp']['kernel']"] == "per_example (declared not dense)"
+  assert all(v.startswith("per_example") for v in
+             sven_leaf_paths(mlp_example, params, (x, y), ghost=False).values())
+
+
+def mixed_example(p, x):
+  """Sequence axis (x: (T, 3)), vector residuals (T,), and every way a dense leaf can
+  enter: a transposed kernel, the kernel as the left operand, a reshaped kernel inside
+  a jitted sub-function; plus a norm-like scale and a weight-tied leaf."""
+  h = jnp.tanh(x @ p["w_t"].T)  # (T, 4)
+  h = jnp.tanh(jax.lax.dot_general(p["w_lhs"], h, (((1,), (1,)), ((), ()))).T)  # (T, 5)
+  h = h * p["scale"]
+  h = jax.jit(lambda a, w: jnp.tanh(a @ w.reshape(5, 2)))(h, p["w_flat"])  # (T, 2)
+  h = jnp.tanh(h @ p["tied"]) @ p["tied"].T
+  return jnp.tanh(h) @ p["v"] + 0.1 * jnp.sum(x, axis=1)
+
+
+def mixed_problem(seed: int, num: int = 5, seq: int = 4):
+  rng = np.random.default_rng(seed)
+  shapes = {"w_t": (4, 3), "w_lhs": (5, 4), "scale": (5,), "w_flat": (10,), "tied": (2, 2),
+            "v": (2,)}
+  params = {k: jnp.asarray(rng.normal(size=s) / np.sqrt(s[-1]), jnp.float32)
+            for k, s in shapes.items()}
+  return params, jnp.asarray(rng.normal(size=(num, seq, 3)), jnp.float32)
+
+
+def test_ghost_gram_mixed_tree_with_sequence_axis_and_vector_residuals():
+  params, xs = mixed_problem(seed=23)
+  assert sven_leaf_paths(mixed_example, params, xs) == {
+      "['scale']": "per_example (used by broadcast_in_dim)",
+      "['tied']": "per_example (used by 2 matmuls)",
+      "['v']": "ghost",
+      "['w_flat']": "ghost",
+      "['w_lhs']": "ghost",
+      "['w_t']": "ghost",
+  }
+  whole = lambda p: jax.vmap(lambda x: mixed_example(p, x))(xs).reshape(-1)
+  m, r = jacobian_reference(whole, params)
+  for rank in (4, 20):  # 20 rows (5 examples x 4 positions), 45 parameters
+    expected, kept = truncated_pinv_step(m, r, rank, 1e-3)
+    delta, state = run_separable(mixed_example, xs, params, rank)
+    assert rel_err(flat(delta), expected) < 1e-4
+    assert int(state.effective_rank) == kept.size
+
+
+def test_ghost_gram_small_transformer_per_sequence_residuals():
+  from bench import lm
+
+  cfg = lm.LMConfig(d_model=8, num_layers=1, num_heads=2, d_ff=16, seq_len=6)
+  graphdef, params = lm.build(cfg, seed=1)
+  tokens = jnp.asarray(np.random.default_rng(24).integers(0, 256, size=(6, 7)), jnp.int32)
+  example = lambda p, t: lm.lm_loss(graphdef, p, t[None])  # one sequence's mean loss
+  paths = sven_leaf_paths(example, params, tokens)
+  ghosts = sorted(k for k, v in paths.items() if v == "ghost")
+  assert len(ghosts) == 7 and all("kernel" in k for k in ghosts)  # q, k, v, out, up, down, head
+  assert paths["['embed']['embedding'].value"].startswith("per_example")
+  whole = lambda p: jax.vmap(lambda t: example(p, t))(tokens)
+  m, r = jacobian_reference(whole, params)
+  expected, kept = truncated_pinv_step(m, r, 6, 1e-3)
+  delta, state = run_separable(example, tokens, params, 6)
+  assert rel_err(flat(delta), expected) < 1e-4
+  assert int(state.effective_rank) == kept.size
+
+
+def scan_example(p, x):
+  def body(h, w):
+    return jnp.tanh(h @ w), None
+
+  h, _ = jax.lax.scan(body, jnp.tanh(x @ p["inp"]), p["layers"])
+  return h @ p["out"]
+
+
+def test_unsupported_primitive_falls_back_and_warns_once():
+  rng = np.random.default_rng(25)
+  params = {"inp": jnp.asarray(rng.normal(size=(3, 4)) / 2, jnp.float32),
+            "layers": jnp.asarray(rng.normal(size=(2, 4, 4)) / 2, jnp.float32),
+            "out": jnp.asarray(rng.normal(size=4), jnp.float32)}
+  xs = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  with pytest.warns(UserWarning, match=r"\['layers'\].*scan"):
+    paths = sven_leaf_paths(scan_example, params, xs)
+  assert paths["['layers']"] == "per_example (used by scan)"
+  assert paths["['inp']"] == paths["['out']"] == "ghost"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # said once: not again
+    sven_leaf_paths(scan_example, params, xs)
+    delta, _ = run_separable(scan_example, xs, params, 4)
+  m, r = jacobian_reference(lambda p: jax.vmap(lambda x: scan_example(p, x))(xs), params)
+  assert rel_err(flat(delta), truncated_pinv_step(m, r, 4, 1e-3)[0]) < 1e-4
+
+
+def test_separable_nonfinite_residuals_propagate():
+  params, (x, y) = mlp_problem(seed=26, num=12)
+  for ghost in (True, False):
+    delta, _ = run_separable(mlp_example, (x, y.at[3].set(jnp.nan)), params, 3,
+                             **({} if ghost else {"ghost": False}))
+    assert not np.all(np.isfinite(flat(delta)))
+
+
+def test_separable_bad_input():
+  params, (x, y) = mlp_problem(seed=27, num=6)
+  tx = scale_by_sven(2)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="batch"):  # leading axes differ
+    tx.update(params, state, params, example_residual_fn=mlp_example, batch=(x, y[:4]))
+  with pytest.raises(ValueError, match="batch"):
+    tx.update(params, state, params, example_residual_fn=mlp_example)
+  with pytest.raises(ValueError, match="example_residual_fn"):  # not a scalar or (T,)
+    tx.update(params, state, params, example_residual_fn=lambda p, e: jnp.ones((2, 2)),
+              batch=(x, y))
+  with pytest.raises(ValueError, match="exactly one"):
+    tx.update(params, state, params, example_residual_fn=mlp_example, batch=(x, y),
+              residual_fn=lambda p: mlp_residual(p, (x, y)))
+  bad = scale_by_sven(2, dense_leaves={"inp": {"kernel": True, "bias": True}, "stack": None,
+                                       "out": None})
+  with pytest.raises(ValueError, match=r"\['inp'\]\['bias'\].*add"):
+    bad.update(params, state, params, example_residual_fn=mlp_example, batch=(x, y))
+  with pytest.raises(ValueError, match="dense_leaves"):
+    sven_leaf_paths(mlp_example, params, (x, y), dense_leaves={"inp": 1})
