@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from bench.common import print_table, write_results
 
-FAMILIES = ("clipping", "spectral", "subspace", "sharpness", "sven", "surgery")
+FAMILIES = ("clipping", "spectral", "subspace", "sharpness", "sven", "surgery", "sharding")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
