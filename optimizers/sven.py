@@ -152,7 +152,13 @@ def _blocks_transpose_times(blocks: Any, w: jax.Array) -> Any:
     return jax.tree.map(
         lambda j: jnp.matmul(w, jnp.reshape(j, (j.shape[0], -1)),
                              precision=_HIGHEST).reshape(j.shape[1:]), blocks)
-  return jax.tree.map(lambda j: jnp.einsum("b,b...->...", w, j, precision=_HIGHEST), blocks)
+  return jax.tree.map(lambda j: jnp.einsum("b,b...->...", w, j, precision=_HIGHEST,
+                                           out_sharding=_trailing_spec(j)), blocks)
+
+
+def _trailing_spec(j: jax.Array) -> jax.sharding.PartitionSpec:
+  """The sharding of ``j`` without its leading (row) axis, on an explicit mesh."""
+  return jax.sharding.PartitionSpec(*tuple(jax.typeof(j).sharding.spec)[1:])
 
 
 def _sorted_eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -1126,7 +1132,8 @@ def _ghost_transpose_times(use: _DenseUse, leaf: jax.Array, a: jax.Array, g: jax
                            w: jax.Array) -> jax.Array:
   """``M_l^T w`` for a dense leaf: ``sum_i w_i sum_t a_it g_it^T`` back in the leaf's layout."""
   _, _, w_contract, w_free = _dense_layout(use)
-  d = jnp.einsum("itk,itn->kn", a, g * w[:, None, None].astype(g.dtype), precision=_HIGHEST)
+  d = jnp.einsum("itk,itn->kn", a, g * w[:, None, None].astype(g.dtype), precision=_HIGHEST,
+                 out_sharding=_replicated())
   operand = use.eqn.invars[use.side].aval
   order = list(w_contract) + list(w_free)
   d = d.reshape([operand.shape[x] for x in order])
@@ -1139,7 +1146,10 @@ def _ghost_transpose_times(use: _DenseUse, leaf: jax.Array, a: jax.Array, g: jax
     return p
 
   _, pullback = jax.vjp(chain, leaf)
-  return pullback(d.astype(operand.dtype))[0]
+  out = pullback(d.astype(operand.dtype))[0]
+  if _replicated() is not None:  # back to the leaf's own sharding
+    out = jax.sharding.reshard(out, jax.typeof(leaf).sharding.spec)
+  return out
 
 
 def _per_example_pass(analysis: _Analysis | None, flat_params: list, batch, t_out: int):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from optimizers import ScaleBySvenState, scale_by_sven, sven, sven_leaf_paths
 
@@ -632,3 +633,129 @@ def test_separable_bad_input():
     bad.update(params, state, params, example_residual_fn=mlp_example, batch=(x, y))
   with pytest.raises(ValueError, match="dense_leaves"):
     sven_leaf_paths(mlp_example, params, (x, y), dense_leaves={"inp": 1})
+
+
+# --------------------------------------------------------------------------------------
+# The reference's options: Polyak step, row masking / grouping, parameter masking; nu dtype
+# --------------------------------------------------------------------------------------
+
+
+def mlp_loss_example(p, example):
+  """Per-example squared error as the residual (the reference's default: R = loss)."""
+  return mlp_example(p, example) ** 2
+
+
+def loss_rows(params, data):
+  m, r = mlp_reference(params, data)
+  return 2.0 * r[:, None] * m, r**2  # rows of d(r^2), residuals r^2
+
+
+def test_polyak_step_size():
+  params, data = mlp_problem(seed=31, num=12)
+  m, r = loss_rows(params, data)
+  for f_star, max_step in ((0.0, 10.0), (0.05, 0.3)):
+    u, s, _ = np.linalg.svd(m, full_matrices=False)
+    keep = (np.arange(s.size) < 5) & (s > 1e-3 * s[0]) & (s > 1e-10)
+    den = np.mean(u[:, keep] @ (u[:, keep].T @ r))
+    eta = np.clip((np.mean(r) - f_star) / (den + 1e-8), 0.0, max_step) if den > 0 else 0.0
+    if max_step == 10.0:
+      assert 0.0 < eta < max_step  # the unclipped rule is what is compared
+    delta, state = run_separable(mlp_loss_example, data, params, 5, polyak=True,
+                                 polyak_f_star=f_star, polyak_max=max_step)
+    np.testing.assert_allclose(float(state.step_size), eta, rtol=1e-4)
+    assert rel_err(flat(delta), eta * truncated_pinv_step(m, r, 5, 1e-3)[0]) < 1e-4
+
+
+def draws(state):
+  """The per-step random draws: key, draw = split(state.key); rows: fold_in(draw, 0),
+  params: fold_in(draw, 1)."""
+  _, draw = jax.random.split(state.key)
+  return jax.random.fold_in(draw, 0), jax.random.fold_in(draw, 1)
+
+
+def test_row_grouping_and_row_masking():
+  params, data = mlp_problem(seed=32, num=12)
+  m, r = mlp_reference(params, data)
+  # Groups of 3 consecutive residuals averaged (the reference's microbatching of losses).
+  expected = truncated_pinv_step(m.reshape(4, 3, -1).mean(1), r.reshape(4, 3).mean(1), 4,
+                                 1e-3)[0]
+  delta, _ = run_separable(mlp_example, data, params, 4, row_group_size=3)
+  assert rel_err(flat(delta), expected) < 1e-4
+  # A random half of the rows each step, redrawn from the state's key.
+  state0 = scale_by_sven(4, row_fraction=0.5).init(params)
+  rows = np.asarray(jax.random.permutation(draws(state0)[0], 12)[:6])
+  delta, state = run_separable(mlp_example, data, params, 4, row_fraction=0.5, state=state0)
+  assert rel_err(flat(delta), truncated_pinv_step(m[rows], r[rows], 4, 1e-3)[0]) < 1e-4
+  delta2, _ = run_separable(mlp_example, data, params, 4, row_fraction=0.5, state=state)
+  assert rel_err(flat(delta2), flat(delta)) > 1e-3  # a fresh mask
+
+
+def reference_block_mask(sizes, order, target) -> np.ndarray:
+  """The Sven authors' block rule: leaves in random order, whole until the next would
+  reach the target, that one in part (its first entries), then stop."""
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  mask, running = np.zeros(int(np.sum(sizes))), 0
+  for i in order:
+    if running + sizes[i] >= target:
+      mask[starts[i]: starts[i] + target - running] = 1.0
+      break
+    mask[starts[i]: starts[i] + sizes[i]] = 1.0
+    running += sizes[i]
+  return mask
+
+
+@pytest.mark.parametrize("by_block", [False, True], ids=["entries", "blocks"])
+def test_parameter_masking(by_block):
+  params, data = mlp_problem(seed=33, num=12)
+  m, r = mlp_reference(params, data)
+  sizes = np.array([leaf.size for leaf in jax.tree.leaves(params)])
+  target = int(0.4 * sizes.sum())
+  state = scale_by_sven(6, param_fraction=0.4, mask_by_block=by_block).init(params)
+  for _ in range(2):
+    key = draws(state)[1]
+    if by_block:
+      mask = reference_block_mask(sizes, np.asarray(jax.random.permutation(key, sizes.size)),
+                                  target)
+    else:
+      mask = np.zeros(sizes.sum())
+      mask[np.asarray(jax.random.permutation(key, int(sizes.sum()))[:target])] = 1.0
+    assert mask.sum() == target
+    delta, state = run_separable(mlp_example, data, params, 6, param_fraction=0.4,
+                                 mask_by_block=by_block, state=state)
+    expected = mask * truncated_pinv_step(m * mask, r, 6, 1e-3)[0]
+    assert rel_err(flat(delta), expected) < 1e-4
+    np.testing.assert_array_equal(flat(delta)[mask == 0], 0.0)
+
+
+def test_nu_dtype_stores_low_precision_and_steps_in_float32():
+  params, data = mlp_problem(seed=34, num=12)
+  m, r = mlp_reference(params, data)
+  decay, eps = 0.9, 1e-3
+  opts = dict(rms_decay=decay, rms_eps=eps, nu_dtype=jnp.bfloat16)
+  state = scale_by_sven(8, **opts).init(params)
+  assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(state.nu))
+  stored = np.zeros(m.shape[1])
+  for _ in range(2):
+    nu = decay * stored + (1 - decay) * m.mean(axis=0) ** 2  # float32 math from the state
+    d = 1 / (np.sqrt(nu) + eps)
+    delta, state = run_separable(mlp_example, data, params, 8, state=state, **opts)
+    assert rel_err(flat(delta), d * truncated_pinv_step(m * d, r, 8, 1e-3)[0]) < 2e-4
+    stored = np.asarray(jnp.asarray(nu, jnp.bfloat16), np.float64)  # rounded for storage
+    assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(state.nu))
+    np.testing.assert_allclose(flat(state.nu), stored, rtol=1e-2, atol=1e-12)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit],
+                         ids=["auto", "explicit"])
+def test_ghost_gram_batch_sharded_over_data_equals_single_device(axis_type):
+  params, data = mlp_problem(seed=35, num=16)
+  single, single_state = run_separable(mlp_example, data, params, 6)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+  tx = scale_by_sven(6)
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(data, NamedSharding(mesh, PartitionSpec("data")))
+    replicated = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    step = jax.jit(lambda p, s, b: tx.update(p, s, p, example_residual_fn=mlp_example, batch=b))
+    delta, state = step(replicated, tx.init(replicated), sharded)
+  assert rel_err(flat(delta), flat(single)) < 1e-5
+  np.testing.assert_allclose(state.singular_values, single_state.singular_values, rtol=1e-5)
