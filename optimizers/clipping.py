@@ -56,7 +56,6 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -66,7 +65,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optimizers.matrices import check_real_floating, concrete_hyperparameter
+from optimizers._checks import check_real_floating, concrete_hyperparameter, is_static_number
 
 __all__ = ["ClipCoordinatewiseState", "clip_coordinatewise", "coordinatewise_threshold"]
 
@@ -87,10 +86,6 @@ class ClipCoordinatewiseState(NamedTuple):
   clip_fraction: jax.Array
 
 
-def _is_concrete(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _rank_dtype(leaves: list[jax.Array]) -> jnp.dtype:
   """float32, or float64 when some leaf is float64 (x64 mode)."""
   return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
@@ -108,7 +103,7 @@ def _rank(n: int, fraction: Any) -> int | jax.Array:
   an integer, with a slack of 2^-22 that absorbs float32 rounding of
   ``fraction`` (``float32(0.7) * 10 < 7``); exact for ``n`` up to ~2^22.
   """
-  if _is_concrete(fraction):
+  if is_static_number(fraction):
     return min(max(math.floor(n * fraction * (1 + 2**-50)), 0), n - 1)
   p = jnp.float32(n) * jnp.asarray(fraction, jnp.float32)
   return jnp.clip(jnp.floor(p * (1 + 2**-22)), 0, n - 1)
@@ -402,7 +397,7 @@ def clip_coordinatewise(
     check_real_floating(updates, owner="clip_coordinatewise")
     leaves = jax.tree.leaves(updates)
     n = sum(x.size for x in leaves)
-    if n == 0 or (fraction is not None and _is_concrete(fraction) and fraction == 0):
+    if n == 0 or (fraction is not None and is_static_number(fraction) and fraction == 0):
       return updates, init_fn(None)
     dtype = _rank_dtype(leaves)
     if threshold is not None:
@@ -412,7 +407,7 @@ def clip_coordinatewise(
       tau = coordinatewise_threshold(
           updates, fraction, method=method, bisect_steps=bisect_steps
       ).astype(dtype)
-      enabled = None if _is_concrete(fraction) else jnp.asarray(fraction) > 0
+      enabled = None if is_static_number(fraction) else jnp.asarray(fraction) > 0
     clipped_value = tau * jnp.asarray(scale).astype(dtype)
 
     def clip(x):

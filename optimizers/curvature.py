@@ -33,13 +33,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optimizers._trees import tree_l2_norm, tree_upcast, tree_vdot
+
 __all__ = ["hessian_vector_product", "directional_sharpness", "hessian_top_eigenvalue"]
 
 LossFn = Callable[[optax.Params], jax.Array]
-
-
-def _promote(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
 
 
 def hessian_vector_product(loss_fn: LossFn, params: optax.Params, vector: Any) -> Any:
@@ -63,7 +61,7 @@ def hessian_vector_product(loss_fn: LossFn, params: optax.Params, vector: Any) -
     >>> hessian_vector_product(loss, jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
     Array([ 6., 12.], dtype=float32)
   """
-  params = _promote(params)
+  params = tree_upcast(params)
   vector = jax.tree.map(lambda v, p: v.astype(p.dtype), vector, params)
   return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
 
@@ -96,10 +94,10 @@ def directional_sharpness(loss_fn: LossFn, params: optax.Params, direction: Any)
     Pan & Li, `Toward Understanding Why Adam Converges Faster Than SGD for
     Transformers <https://arxiv.org/abs/2306.00204>`_, 2023.
   """
-  v = _promote(direction)
+  v = tree_upcast(direction)
   hv = hessian_vector_product(loss_fn, params, v)
-  curvature = optax.tree.vdot(v, hv)
-  norm_sq = optax.tree.vdot(v, v)
+  curvature = tree_vdot(v, hv)
+  norm_sq = tree_vdot(v, v)
   return jnp.where(norm_sq == 0, 0.0, curvature / jnp.where(norm_sq == 0, 1.0, norm_sq))
 
 
@@ -149,17 +147,17 @@ def hessian_top_eigenvalue(
     raise ValueError(f"num_iters must be a positive int, got num_iters={num_iters!r}.")
   if key is None or isinstance(key, int):
     key = jax.random.PRNGKey(0 if key is None else key)
-  params = _promote(params)
+  params = tree_upcast(params)
 
   def unit(v):
-    norm = optax.tree.norm(v)
+    norm = tree_l2_norm(v)
     return jax.tree.map(lambda x: x / jnp.where(norm == 0, 1.0, norm), v)
 
   def body(_, carry):
     v, _ = carry
     hv = hessian_vector_product(loss_fn, params, v)
-    eigenvalue = optax.tree.vdot(v, hv)
-    norm = optax.tree.norm(hv)
+    eigenvalue = tree_vdot(v, hv)
+    norm = tree_l2_norm(hv)
     v = jax.tree.map(lambda x, h: jnp.where(norm == 0, x, h / jnp.where(norm == 0, 1.0, norm)),
                      v, hv)
     return v, eigenvalue

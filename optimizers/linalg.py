@@ -61,9 +61,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
+
+from optimizers._checks import check_positive
+from optimizers._sharding import ambient_spec, restore_spec, rows_unsharded
+from optimizers._trees import compute_dtype
 
 __all__ = [
     "NS_COEFFS",
@@ -76,8 +78,6 @@ __all__ = [
     "soft_spectral_clip",
     "hard_spectral_clip",
     "frobenius_norm",
-    "tree_max_abs",
-    "tree_l2_norm",
     "spectral_clip_matmuls",
 ]
 
@@ -101,54 +101,18 @@ _ABS_STEPS = 4
 _ABS_UPPER = 2.5
 
 
-def _compute_dtype(x: jax.Array) -> jnp.dtype:
-  return jnp.promote_types(x.dtype, jnp.float32)
-
-
-def _mT(x: jax.Array) -> jax.Array:
-  return jnp.swapaxes(x, -1, -2)
-
-
 def _eye_like(a: jax.Array) -> jax.Array:
   return jnp.eye(a.shape[-1], dtype=a.dtype)
 
 
 def _sym(a: jax.Array) -> jax.Array:
-  return 0.5 * (a + _mT(a))
-
-
-# ---------------------------------------------------------------------------
-# Explicit-sharding plumbing (a no-op without an Explicit mesh axis).
-# ---------------------------------------------------------------------------
-
-
-def _explicit_spec(x: jax.Array) -> tuple | None:
-  """The padded PartitionSpec of ``x`` under an Explicit mesh, else None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
-    return None
-  spec = tuple(getattr(jax.typeof(x).sharding, "spec", None) or ())
-  return spec + (None,) * (x.ndim - len(spec))
-
-
-def _reshard(x: jax.Array, spec: tuple | None) -> jax.Array:
-  if spec is None or _explicit_spec(x) in (None, spec):
-    return x
-  return jax.sharding.reshard(x, P(*spec))
-
-
-def _rows_unsharded(w: jax.Array) -> jax.Array:
-  """``w`` with its row axis unsharded (Explicit meshes only), columns kept."""
-  spec = _explicit_spec(w)
-  if spec is None or spec[-2] is None:
-    return w
-  return jax.sharding.reshard(w, P(*spec[:-2], None, spec[-1]))
+  return 0.5 * (a + a.mT)
 
 
 def orient_wide(x: jax.Array) -> tuple[jax.Array, bool]:
   """Returns ``(x or x^T, transposed)`` with rows <= cols (a static choice)."""
   if x.shape[-2] > x.shape[-1]:
-    return _mT(x), True
+    return x.mT, True
   return x, False
 
 
@@ -158,10 +122,10 @@ def gram(x: jax.Array) -> jax.Array:
   Under an Explicit mesh with the contracted (column) axis sharded, the product
   is all-reduced into ``x``'s batch and row sharding.
   """
-  spec = _explicit_spec(x)
+  spec = ambient_spec(x)
   if spec is None or spec[-1] is None:
-    return x @ _mT(x)
-  return jnp.matmul(x, _mT(x), out_sharding=P(*spec[:-2], spec[-2], None))
+    return x @ x.mT
+  return jnp.matmul(x, x.mT, out_sharding=P(*spec[:-2], spec[-2], None))
 
 
 def frobenius_norm(x: jax.Array) -> jax.Array:
@@ -173,37 +137,6 @@ def frobenius_norm(x: jax.Array) -> jax.Array:
   safe = jnp.where(amax > 0, amax, jnp.ones_like(amax))
   y = x / safe
   return amax * jnp.sqrt(jnp.sum(y * y, axis=(-2, -1), keepdims=True))
-
-
-def tree_max_abs(tree: Any) -> jax.Array:
-  """``max |x|`` over all leaves of a pytree, a float32 (or wider) scalar.
-
-  0 for an empty or all-zero tree (zero-size leaves are fine); NaN if a leaf holds
-  a NaN. The scale that makes inner products of whole trees overflow- and
-  underflow-safe (divide by it first).
-  """
-  leaves = jax.tree.leaves(tree)
-  dtype = jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
-  out = jnp.zeros([], dtype)
-  for x in leaves:
-    out = jnp.maximum(out, jnp.max(jnp.abs(x), initial=0).astype(dtype))
-  return out
-
-
-def tree_l2_norm(tree: Any) -> jax.Array:
-  r"""Overflow- and underflow-safe global L2 norm of a pytree.
-
-  :math:`s \, \| x / s \|_2` with ``s = max |x|`` (:func:`tree_max_abs`), so a
-  finite tree gives a finite norm even where ``sum x^2`` would overflow (``|x| ~
-  1e20`` in float32) or underflow to 0 (``|x| ~ 1e-20``); 0 for a zero tree,
-  NaN/Inf for a tree with NaN/Inf.
-  """
-  leaves = jax.tree.leaves(tree)
-  scale = tree_max_abs(leaves)
-  safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-  total = sum((jnp.sum(jnp.square(x.astype(scale.dtype) / safe)) for x in leaves),
-              jnp.zeros([], scale.dtype))
-  return scale * jnp.sqrt(total)
 
 
 def _gershgorin(a: jax.Array) -> jax.Array:
@@ -370,24 +303,15 @@ def orthogonalize(
   a, b, c = NS_COEFFS[coeffs] if isinstance(coeffs, str) else coeffs
   if x.size == 0:  # nothing to orthogonalise (a zero-size axis)
     return x
-  spec = _explicit_spec(x)
-  w, transposed = orient_wide(x.astype(_compute_dtype(x)))
-  w = _rows_unsharded(w)
+  spec = ambient_spec(x)
+  w, transposed = orient_wide(x.astype(compute_dtype(x)))
+  w = rows_unsharded(w)
   w = w / (frobenius_norm(w) + eps)
   for _ in range(ns_steps):
     g = gram(w)
     w = a * w + (b * g + c * (g @ g)) @ w
-  out = _mT(w) if transposed else w
-  return _reshard(out.astype(x.dtype), spec)
-
-
-def _check_threshold(c: Any) -> None:
-  """ValueError unless ``0 < c < inf`` (skipped for traced values)."""
-  if isinstance(c, jax.core.Tracer):
-    return
-  c64 = np.asarray(c, dtype=np.float64)
-  if not np.all((c64 > 0) & np.isfinite(c64)):
-    raise ValueError(f"max_singular_value c must be finite and > 0, got {c}")
+  out = w.mT if transposed else w
+  return restore_spec(out.astype(x.dtype), spec)
 
 
 def _clip_setup(x: jax.Array, c: Any):
@@ -400,10 +324,10 @@ def _clip_setup(x: jax.Array, c: Any):
   from overflowing for any finite input. Returns ``(w, spec, transposed,
   ratio, t, gamma)`` with ``ratio = c / gamma``.
   """
-  _check_threshold(c)
-  spec = _explicit_spec(x)
-  w, transposed = orient_wide(x.astype(_compute_dtype(x)))
-  w = _rows_unsharded(w)
+  check_positive("max_singular_value", c)
+  spec = ambient_spec(x)
+  w, transposed = orient_wide(x.astype(compute_dtype(x)))
+  w = rows_unsharded(w)
   c = jnp.asarray(c, w.dtype)
   gamma = jnp.maximum(c, frobenius_norm(w))
   ratio = c / gamma
@@ -429,8 +353,8 @@ def _soft_factor(
 
 
 def _finish(out: jax.Array, transposed: bool, spec: tuple | None, dtype) -> jax.Array:
-  out = _mT(out) if transposed else out
-  return _reshard(out.astype(dtype), spec)
+  out = out.mT if transposed else out
+  return restore_spec(out.astype(dtype), spec)
 
 
 def soft_spectral_clip(
@@ -469,7 +393,7 @@ def soft_spectral_clip(
     https://arxiv.org/abs/2603.14315
   """
   if x.size == 0:  # a zero-size axis: nothing to clip
-    _check_threshold(c)
+    check_positive("max_singular_value", c)
     return x
   w, spec, transposed, ratio, t, gamma = _clip_setup(x, c)
   z, scale = _soft_factor(w, gamma, ratio, t, ns_steps)
@@ -515,7 +439,7 @@ def hard_spectral_clip(
   """
   fast, polish = sign_steps
   if x.size == 0:  # a zero-size axis: nothing to clip
-    _check_threshold(c)
+    check_positive("max_singular_value", c)
     return x
   w, spec, transposed, ratio, t, gamma = _clip_setup(x, c)
   z, scale = _soft_factor(w, gamma, ratio, t, ns_steps)

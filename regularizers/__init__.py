@@ -6,18 +6,16 @@ perpendicular gradient.
 """
 
 from optimizers import directional_sharpness, hessian_top_eigenvalue
+from regularizers.bloop import BloopState, bloop
+from regularizers.perp_grad import PerpGradState, perp_grad
 from regularizers.saf import MESA, SAF, MESAState, SAFState, distillation_kl, mesa, saf
 from regularizers.sharpness import SAMState, m_sharpness_gradient, sam, sam_perturbation
 from regularizers.surgery import (
-    BloopState,
     DynamicBarrierState,
     MixedState,
     PCGradState,
-    PerpGradState,
-    bloop,
     dynamic_barrier,
     main_and_aux_grads,
     mixed,
     pcgrad,
-    perp_grad,
 )

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from optimizers import directional_sharpness, hessian_top_eigenvalue, hessian_vector_product
 
@@ -191,3 +193,26 @@ def test_power_iteration_bad_num_iters(num_iters):
   params, loss, _ = quadratic_problem(np.ones(4), seed=12)
   with pytest.raises(ValueError, match="num_iters"):
     hessian_top_eigenvalue(loss, params, num_iters=num_iters)
+
+
+def test_sharpness_and_eigenvalue_on_explicit_sharded_params():
+  """Explicit-sharded parameters on an 8-device mesh give the unsharded results (the
+  tree inner products must not ravel the sharded leaves)."""
+  params, _ = mlp_problem(7, jnp.float32)
+  direction = random_direction(8, params)
+
+  def loss(p):  # couples the leaves with elementwise ops and sums only (any sharding)
+    return (jnp.sum(jnp.tanh(p["w1"] * p["b1"]) ** 2)
+            + jnp.sum(p["w2"] ** 4) * (1.0 + jnp.sum(jnp.sin(p["b1"]))))
+
+  specs = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", "data")}
+  want_s = directional_sharpness(loss, params, direction)
+  want_e = hessian_top_eigenvalue(loss, params, num_iters=8, key=3)
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
+    sp, sd = jax.tree.map(put, params, specs), jax.tree.map(put, direction, specs)
+    got_s = jax.jit(lambda p, d: directional_sharpness(loss, p, d))(sp, sd)
+    got_e = jax.jit(lambda p: hessian_top_eigenvalue(loss, p, num_iters=8, key=3))(sp)
+  np.testing.assert_allclose(got_s, want_s, rtol=1e-5)
+  np.testing.assert_allclose(got_e, want_e, rtol=1e-5)

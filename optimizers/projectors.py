@@ -1,0 +1,450 @@
+r"""Projectors for :func:`optimizers.subspace`: where the low-rank subspace comes from.
+
+A :class:`Projector` is a NamedTuple of pure functions on oriented matrices
+``(*batch, k, d)`` (the projected dimension ``d`` last); a basis is ``Q`` of
+shape ``(*batch, d, r)`` with orthonormal columns, the low-rank gradient is
+``G Q`` and the back-projection of a low-rank update ``U`` is ``U Q^T``.
+
+* :func:`dct_projector`: SVD-free. A fixed orthonormal DCT-II basis of the
+  projected dimension; every refresh keeps the ``r`` basis vectors with the
+  largest scores (column norms of the transformed gradient). The ONLY state is
+  ``r`` sorted int32 indices per matrix (Modoranu et al., arXiv 2505.17967).
+* :func:`online_pca_projector`: Online Subspace Descent. The basis is updated
+  every step by one AdamW step on the online-PCA loss of the normalised
+  gradient; never an SVD (Liang et al., arXiv 2408.12857).
+* :func:`svd_projector`: GaLore-style top-``r`` singular vectors, recomputed
+  every ``update_every`` steps by an SVD (the baseline; Zhao et al., arXiv
+  2403.03507).
+
+Projector arrays (indices, bases) are sharded like the parameter's batch axes
+and replicated otherwise (the wrapper places them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optimizers._checks import (
+  check_choice,
+  check_int,
+  check_nonnegative,
+  check_period,
+  concrete_hyperparameter,
+)
+from optimizers._sharding import reshard_like, sharded_matmul, unshard_axes
+from optimizers.dct import DCT_METHODS, dct_rows, dct_transform, top_columns
+from optimizers.linalg import frobenius_norm
+
+__all__ = [
+    "Projector",
+    "DctProjectorState",
+    "SvdProjectorState",
+    "OnlinePcaProjectorState",
+    "dct_projector",
+    "svd_projector",
+    "online_pca_projector",
+    "online_pca_loss",
+    "online_pca_gradient",
+]
+
+# ---------------------------------------------------------------------------
+# The projector interface.
+# ---------------------------------------------------------------------------
+
+
+class Projector(NamedTuple):
+  """A projection policy: pure functions on oriented matrices ``(*batch, k, d)``.
+
+  ``d`` (last axis) is the projected dimension and ``r <= d`` the rank. The
+  per-matrix state is a NamedTuple of arrays whose leading axes are ``batch``.
+
+  Attributes:
+    rank: the requested rank (clamped to ``min(m, n)`` per matrix by
+      :func:`subspace`).
+    update_every: refresh period ``T`` (a Python int, or an integer array under
+      ``optax.inject_hyperparams``); :func:`subspace` calls ``refresh`` when
+      ``count % T == 0`` (under ``lax.cond``) and ``project`` otherwise.
+    init: ``(batch_shape, k, d, r) -> state``.
+    refresh: ``(g, state, count) -> (g_low, used, next)``: from the gradient
+      ``g`` (float32), the state ``used`` that projects ``g`` (``g_low``) and
+      back-projects this step's update, and the state ``next`` stored for the
+      following steps. Selection-type projectors (DCT, SVD) pick the new
+      subspace first: ``used`` is ``next``. A *lagged* projector (online PCA)
+      projects on its current basis and then moves it: ``used`` is the old
+      state.
+    project: ``(g, state) -> g_low`` of shape ``(*batch, k, r)``.
+    back_project: ``(u, state, d) -> u_full`` of shape ``(*batch, k, d)``.
+    change_of_basis: ``(old_state, new_state) -> R = Q_old^T Q_new``, shape
+      ``(*batch, r, r)`` (used by ``on_refresh="rotate"``).
+    lagged: whether ``next`` differs from ``used``; the moments are then rotated
+      after the inner update (from ``used`` to ``next``) instead of before it
+      (from the old state to ``used``).
+  """
+
+  rank: int
+  update_every: int
+  init: Callable[..., Any]
+  refresh: Callable[..., Any]
+  project: Callable[..., jax.Array]
+  back_project: Callable[..., jax.Array]
+  change_of_basis: Callable[..., jax.Array]
+  lagged: bool = False
+
+
+# ---------------------------------------------------------------------------
+# DCT projector.
+# ---------------------------------------------------------------------------
+
+
+class DctProjectorState(NamedTuple):
+  """Per matrix: the kept DCT frequencies, sorted ascending, int32 ``(*batch, r)``."""
+
+  indices: jax.Array
+
+
+def dct_projector(
+    rank: int, *, update_every: int = 1, score: str = "l2", method: str = "auto"
+) -> Projector:
+  r"""SVD-free low-rank projector on a fixed orthonormal DCT-II basis.
+
+  With ``C`` the DCT-II matrix of the projected dimension ``d`` (rows are
+  frequencies, ``Q = C^T``), a refresh computes ``T = G C^T`` (the DCT of each
+  row of ``G``), scores every frequency by the norm of its column of ``T`` and
+  keeps the ``r`` best, sorted:
+
+  ``l2``: ``s_f = sum_i T_if^2``; keeping the top-``r`` is the optimal subset of
+  the basis, with relative error ``||G - G Q_S Q_S^T||^2 / ||G||^2 = 1 - sum_S s_f
+  / sum_f s_f``. ``l1``: ``s_f = sum_i |T_if|`` (the reference's choice).
+
+  The low-rank gradient is ``T[:, S]`` (no second product), the back-projection
+  ``U C[S, :]`` with the ``r`` rows built from the indices (``k r d``
+  multiply-adds). On steps without a refresh the projection is ``G C[S, :]^T``.
+  The basis is never stored: ``T`` comes from an explicit basis matmul or an
+  FFT (:func:`dct_transform`, chosen per size). No SVD, eigh or QR is used; the
+  change of basis between two index sets is a partial permutation.
+
+  Args:
+    rank: number of kept frequencies ``r`` per matrix (a Python int >= 1).
+    update_every: refresh period ``T`` (reference default 1: every step, since a
+      refresh is one transform plus a top-k).
+    score: ``"l2"`` (optimal subset) or ``"l1"``.
+    method: how the DCT is applied: ``"auto"``, ``"matmul"`` or ``"fft"``.
+
+  Returns:
+    A :class:`Projector` whose only state is ``r`` int32 indices per matrix.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from optimizers import subspace, dct_projector
+    >>> tx = subspace(optax.scale_by_adam(), dct_projector(4))
+    >>> state = tx.init({"w": jnp.ones((16, 32))})
+    >>> state.projector_state.indices["w"].dtype, state.projector_state.indices["w"].shape
+    (dtype('int32'), (4,))
+
+  References:
+    Modoranu et al., "SVD-free low-rank adaptive gradient optimization for
+    large language models", https://arxiv.org/abs/2505.17967
+  """
+  check_int("rank", rank)
+  check_period("update_every", update_every)
+  check_choice("score", score, ("l1", "l2"))
+  check_choice("method", method, DCT_METHODS)
+
+  def init(batch_shape, k, d, r):
+    del k, d
+    return DctProjectorState(jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (*batch_shape, r)))
+
+  def refresh(g, state, count):
+    del count
+    r = state.indices.shape[-1]
+    t = dct_transform(g, method=method)
+    idx = top_columns(t, r, score)
+    low = jnp.take_along_axis(t, idx[..., None, :], axis=-1)
+    new = DctProjectorState(idx)
+    return low, new, new
+
+  def project(g, state):
+    return g @ dct_rows(state.indices, g.shape[-1]).mT
+
+  def back_project(u, state, d):
+    return u @ dct_rows(state.indices, d)
+
+  def change_of_basis(old, new):
+    return (old.indices[..., :, None] == new.indices[..., None, :]).astype(jnp.float32)
+
+  return Projector(rank, update_every, init, refresh, project, back_project, change_of_basis)
+
+
+# ---------------------------------------------------------------------------
+# Projectors that store their basis ``Q`` (SVD, online PCA).
+# ---------------------------------------------------------------------------
+
+
+def _on_basis(g: jax.Array, state: Any) -> jax.Array:
+  """``g Q``."""
+  return g @ state.basis
+
+
+def _from_basis(u: jax.Array, state: Any, d: int) -> jax.Array:
+  """``u Q^T``."""
+  del d
+  return u @ state.basis.mT
+
+
+def _basis_change(old: Any, new: Any) -> jax.Array:
+  """``Q_old^T Q_new``."""
+  return old.basis.mT @ new.basis
+
+
+# ---------------------------------------------------------------------------
+# SVD projector (GaLore baseline).
+# ---------------------------------------------------------------------------
+
+
+class SvdProjectorState(NamedTuple):
+  """Per matrix: the top-``r`` right singular vectors, float32 ``(*batch, d, r)``."""
+
+  basis: jax.Array
+
+
+def svd_projector(rank: int, *, update_every: int = 200) -> Projector:
+  r"""GaLore-style projector: the top-``r`` singular vectors of the gradient.
+
+  Every ``update_every`` steps ``G = U S V^T`` (float32 SVD) and ``Q = V[:, :r]``
+  (the projected dimension's singular vectors); in between ``Q`` is kept.
+  ``g = G Q``, back-projection ``u Q^T``. The baseline for :func:`dct_projector`
+  and :func:`online_pca_projector` inside the same wrapper.
+
+  Args:
+    rank: rank ``r`` (a Python int >= 1).
+    update_every: SVD period ``T`` (GaLore's default 200).
+
+  Returns:
+    A :class:`Projector` storing ``d r`` float32 values per matrix.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from optimizers import subspace, svd_projector
+    >>> tx = subspace(optax.scale_by_adam(), svd_projector(4))
+    >>> tx.init({"w": jnp.ones((16, 32))}).projector_state.basis["w"].shape
+    (16, 4)
+
+  References:
+    Zhao et al., "GaLore: Memory-efficient LLM training by gradient low-rank
+    projection", https://arxiv.org/abs/2403.03507
+  """
+  check_int("rank", rank)
+  check_period("update_every", update_every)
+
+  def init(batch_shape, k, d, r):
+    del k
+    return SvdProjectorState(jnp.zeros((*batch_shape, d, r), jnp.float32))
+
+  def refresh(g, state, count):
+    del count
+    r = state.basis.shape[-1]
+    _, _, vh = jnp.linalg.svd(unshard_axes(g, (-2, -1)), full_matrices=False)
+    new = SvdProjectorState(reshard_like(vh[..., :r, :].mT, state.basis))
+    return g @ new.basis, new, new
+
+  return Projector(rank, update_every, init, refresh, _on_basis, _from_basis, _basis_change)
+
+
+# ---------------------------------------------------------------------------
+# Online PCA projector (Online Subspace Descent).
+# ---------------------------------------------------------------------------
+
+
+class OnlinePcaProjectorState(NamedTuple):
+  """Per matrix: the basis ``Q`` and its AdamW moments, float32 ``(*batch, d, r)``."""
+
+  basis: jax.Array
+  mu: jax.Array
+  nu: jax.Array
+
+
+def online_pca_projector(
+    rank: int,
+    *,
+    learning_rate: float | jax.Array = 0.005,
+    weight_decay: float | jax.Array = 0.01,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    update_every: int = 1,
+    schedule: optax.Schedule | None = None,
+    schedule_reference: float | jax.Array | None = None,
+) -> Projector:
+  r"""Online Subspace Descent projector: one AdamW step on the online-PCA loss per step.
+
+  At step ``t`` the gradient is projected on the current basis ``Q_t`` (``d x r``)
+  and the low-rank update is back-projected on ``Q_t``; then, with
+  ``Gn = G / ||G||_F``, ``Q`` takes one AdamW step (``optax.scale_by_adam`` then
+  ``optax.add_decayed_weights``) on ``L(Q) = ||Gn Q Q^T - Gn||_F^2``, giving
+  ``Q_{t+1}`` (the reference code's order). The closed-form gradient
+  (:func:`online_pca_gradient`) reuses ``G Q_t`` from the projection, so a step
+  costs three ``k d r`` products (projection, ``Gn^T (Gn Q)``, back-projection)
+  plus ``O((k + d) r^2)``; no SVD, eigh or QR. ``Q`` is never
+  re-orthonormalised: the loss keeps it near the top-``r`` principal subspace.
+
+  * Learning rate: ``lr_Q(t) = learning_rate * schedule(t) / schedule_reference``
+    when the weights' ``schedule`` is given (``schedule_reference`` defaults to
+    ``schedule(0)``; pass the peak value for a warm-up from zero), else
+    ``learning_rate``. The reference sets ``lr_Q = (1 / T_galore) * lr_t / lr_0``
+    with ``T_galore = 200``, hence the default ``0.005``.
+  * Zero-gradient guard: when ``||G||_F`` is zero or not finite the step is
+    skipped (``Q`` and its moments are kept), so ``Q`` never decays to zero on
+    a frozen layer and a NaN gradient does not poison it (the NaN still reaches
+    the update through the projection). ``||G||_F`` is computed overflow- and
+    underflow-safe, so a finite ``G`` of any magnitude takes the same step.
+  * Initialisation without an SVD: ``init`` stores the ``r`` lowest-frequency
+    DCT-II vectors (orthonormal); at step 0 ``Q`` is replaced by the ``r`` DCT
+    vectors with the largest ``l2`` scores for the first gradient (the optimal
+    DCT subset, see :func:`dct_projector`) before that gradient is projected:
+    the SVD-free analogue of the reference's SVD of the first gradient. PCA
+    steps start at step ``update_every``.
+
+  Args:
+    rank: rank ``r`` (a Python int >= 1).
+    learning_rate: AdamW learning rate of ``Q``.
+    weight_decay: AdamW decoupled weight decay of ``Q`` (reference: 0.01).
+    b1: Adam ``beta1`` of ``Q``.
+    b2: Adam ``beta2`` of ``Q``.
+    eps: Adam ``eps`` of ``Q``.
+    update_every: take a PCA step every ``T`` steps (reference: every step).
+    schedule: the weights' learning-rate schedule (``count -> lr``) or None.
+    schedule_reference: the schedule value that maps to ``learning_rate``.
+
+  Returns:
+    A :class:`Projector` storing ``3 d r`` float32 values per matrix (``Q`` and
+    its two AdamW moments).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from optimizers import subspace, online_pca_projector
+    >>> tx = subspace(optax.scale_by_adam(), online_pca_projector(4))
+    >>> tx.init({"w": jnp.ones((16, 32))}).projector_state.basis["w"].shape
+    (16, 4)
+
+  References:
+    Liang et al., "Memory-efficient LLM training with online subspace descent",
+    NeurIPS 2024, https://arxiv.org/abs/2408.12857
+  """
+  check_int("rank", rank)
+  check_period("update_every", update_every)
+  check_nonnegative("learning_rate", learning_rate)
+  check_nonnegative("weight_decay", weight_decay)
+  if schedule is not None and not callable(schedule):
+    raise ValueError(f"schedule must be a callable count -> learning rate, got {schedule!r}")
+  if schedule is not None and schedule_reference is None:
+    first = concrete_hyperparameter(schedule(0), "schedule(0)")
+    if first is None:
+      raise ValueError(
+          "schedule(0) is traced (the schedule closes over traced values), so a warm-up from "
+          "zero cannot be ruled out: pass schedule_reference (e.g. the peak learning rate)."
+      )
+    if float(first) == 0.0:
+      raise ValueError(
+          "schedule(0) is 0 (a warm-up from zero), so the ratio schedule(t) / schedule(0) is "
+          "undefined: pass schedule_reference (e.g. the peak learning rate)."
+      )
+  if isinstance(schedule_reference, (int, float)) and not schedule_reference > 0:
+    raise ValueError(f"schedule_reference must be > 0, got {schedule_reference!r}")
+  basis_optimizer = optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.add_decayed_weights(weight_decay)
+  )
+
+  def step_size(count):
+    if schedule is None:
+      return learning_rate
+    reference = schedule(0) if schedule_reference is None else schedule_reference
+    return learning_rate * schedule(count) / reference
+
+  def init(batch_shape, k, d, r):
+    del k
+    basis = dct_rows(jnp.broadcast_to(jnp.arange(r), (*batch_shape, r)), d).mT
+    return OnlinePcaProjectorState(basis, jnp.zeros_like(basis), jnp.zeros_like(basis))
+
+  def first_basis(g, state):
+    r = state.basis.shape[-1]
+    idx = top_columns(dct_transform(g), r, "l2")
+    return state._replace(basis=reshard_like(dct_rows(idx, g.shape[-1]).mT, state.basis))
+
+  def pca_step(g, state, count):
+    norm = frobenius_norm(g)  # safe for |G| ~ 1e-30 and ~ 1e30 (sum G^2 would under/overflow)
+    ok = jnp.isfinite(norm) & (norm > 0)
+    safe_norm = jnp.where(ok, norm, 1.0)
+    gn = g / safe_norm
+    b = gn @ state.basis
+    grad = _pca_gradient(state.basis, gn, b)
+    steps_before = count // update_every - 1  # PCA steps already taken
+    adam_state = optax.ScaleByAdamState(steps_before.astype(jnp.int32), state.mu, state.nu)
+    direction, (adam_state, _) = basis_optimizer.update(
+        grad, (adam_state, optax.EmptyState()), state.basis
+    )
+    new = OnlinePcaProjectorState(
+        state.basis - step_size(count) * direction, adam_state.mu, adam_state.nu
+    )
+    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype), new, state)
+    return safe_norm * b, state, reshard_like(new, state)
+
+  def first_step(g, state):
+    new = first_basis(g, state)
+    return g @ new.basis, new, new
+
+  def refresh(g, state, count):
+    return jax.lax.cond(
+        count == 0, lambda: first_step(g, state), lambda: pca_step(g, state, count)
+    )
+
+  return Projector(rank, update_every, init, refresh, _on_basis, _from_basis, _basis_change,
+                   lagged=True)
+
+
+# ---------------------------------------------------------------------------
+# The online-PCA loss.
+# ---------------------------------------------------------------------------
+
+
+def online_pca_loss(basis: jax.Array, g: jax.Array) -> jax.Array:
+  r"""Online-PCA loss ``||g Q Q^T - g||_F^2`` per matrix.
+
+  Args:
+    basis: ``Q``, shape ``(..., d, r)``.
+    g: shape ``(..., k, d)`` (Online Subspace Descent passes the normalised
+      gradient ``G / ||G||_F``).
+
+  Returns:
+    array of shape ``(...)``.
+  """
+  e = (g @ basis) @ jnp.swapaxes(basis, -1, -2) - g
+  return jnp.sum(e * e, axis=(-2, -1))
+
+
+def online_pca_gradient(basis: jax.Array, g: jax.Array) -> jax.Array:
+  r"""Closed-form gradient of :func:`online_pca_loss` with respect to ``Q``.
+
+  With ``B = g Q`` and ``C = g^T B``:
+  ``dL/dQ = 2 (C Q^T Q - 2 C + Q B^T B)``. It vanishes when the columns of
+  ``Q`` are orthonormal eigenvectors of ``g^T g``. Cost ``2 k d r`` multiply-adds
+  plus ``O((k + d) r^2)``; no ``d x d`` or ``k x k`` matrix is formed.
+
+  Args:
+    basis: ``Q``, shape ``(..., d, r)``.
+    g: shape ``(..., k, d)``.
+
+  Returns:
+    array of the shape of ``basis``.
+  """
+  return _pca_gradient(basis, g, g @ basis)
+
+
+def _pca_gradient(basis: jax.Array, g: jax.Array, b: jax.Array) -> jax.Array:
+  """:func:`online_pca_gradient` given ``b = g @ basis``."""
+  c = sharded_matmul(g.mT, b)
+  return 2.0 * (c @ (basis.mT @ basis) - 2.0 * c + basis @ sharded_matmul(b.mT, b))
