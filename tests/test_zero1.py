@@ -59,16 +59,18 @@ def test_bad_mesh_axes():
     zero1_partition_specs(state, {"x": P("tensor")}, MESH)
 
 
-def test_pretrain_zero1_same_trajectory_and_state_bytes():
+@pytest.mark.parametrize("optimizer,replicate_below", [("adamw", 0), ("dct_adamw", 64)])
+def test_pretrain_zero1_same_trajectory_and_state_bytes(optimizer, replicate_below):
   """On an 8 x 1 mesh: the ZeRO-1 run follows the plain (FSDP) run's losses, and each device
-  holds at most 1/8 of the state (+5%)."""
+  holds at most 1/8 of the state (+5%); dct_adamw's rank-sized index sets (8 int32) are the
+  leaves replicated on purpose."""
   from bench.pretrain import GPTConfig, RunConfig, run
 
   model = GPTConfig(d_model=32, num_layers=2, num_heads=2, d_ff=64, seq_len=16, scan_layers=True)
-  base = dict(optimizer="adamw", steps=4, batch_size=8, model=model, mesh=(8, 1), progress=False,
-              warmup=1)
+  base = dict(optimizer=optimizer, steps=4, batch_size=8, model=model, mesh=(8, 1),
+              progress=False, warmup=1, rank=4)
   plain = run(RunConfig(**base))
-  zero1 = run(RunConfig(**base, zero1=True))
+  zero1 = run(RunConfig(**base, zero1=True, zero1_replicate_below=replicate_below))
   np.testing.assert_allclose([h["loss"] for h in zero1], [h["loss"] for h in plain], rtol=1e-5)
   ratio = zero1[0]["state_bytes_per_device"] / zero1[0]["state_bytes"]
   assert ratio <= 1.05 / 8, ratio
