@@ -153,6 +153,14 @@ def _transform_moments(inner, inner_state, treedef, plans, rotations):
   return jax.tree_util.tree_map_with_path(apply, inner_state, owner)
 
 
+def _is_box(x: Any) -> bool:
+  """A flax box: linen ``nn.Partitioned`` / ``nn.LogicallyPartitioned`` or an nnx variable."""
+  from flax import nnx
+  from flax.core import meta
+
+  return isinstance(x, (meta.Partitioned, nnx.Variable))
+
+
 def _dummy_state(projector: Projector) -> Any:
   """The projector state of a leaf that is not projected: scalars of the right dtypes."""
   template = jax.eval_shape(lambda: projector.init((), 1, 1, 1))
@@ -335,6 +343,14 @@ def subspace(
     leaves, treedef, plans = _plans(params, weight_dimension_numbers, rank, side)
     lows, pstates = zip(*(_init_leaf(projector, x, p, dummy)
                           for x, p in zip(leaves, plans, strict=True)), strict=True)
+    # Boxed params (flax linen nn.Partitioned / nnx variables) carry axis names for the
+    # parameter's shape: full-size state keeps its parameter's box, projected state
+    # (other shapes) and projector state are unboxed (see logical_partition_specs).
+    outer, outer_def = jax.tree.flatten(params, is_leaf=_is_box)
+    if len(outer) == len(leaves):
+      lows = [jax.tree.unflatten(jax.tree.structure(o), [low]) if plan is None and _is_box(o)
+              else low for o, low, plan in zip(outer, lows, plans, strict=True)]
+      treedef = outer_def
     return SubspaceState(count, inner.init(treedef.unflatten(lows)), _stacked(pstates, treedef))
 
   def when(due, true_fn, false_fn, operand):
