@@ -30,7 +30,7 @@ from optimizers.projectors import (
     online_pca_projector,
     svd_projector,
 )
-from optimizers.specs import subspace_partition_specs
+from optimizers.specs import logical_partition_specs, subspace_partition_specs
 from optimizers.spectral import (
     SpectralClipState,
     spectra_adamw,
@@ -38,5 +38,6 @@ from optimizers.spectral import (
     spectral_clip,
 )
 from optimizers.subspace import SubspaceState, subspace
+from optimizers.trion import TrionState, scale_by_trion, trion
 from optimizers.zero import zero1_partition_specs
 from optimizers.sven import ScaleBySvenState, scale_by_sven, sven, sven_leaf_paths

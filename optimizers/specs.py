@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from optimizers._sharding import mesh_axis_names, spec_of
 
-__all__ = ["subspace_partition_specs"]
+__all__ = ["subspace_partition_specs", "logical_partition_specs"]
 
 
 def subspace_partition_specs(
@@ -60,3 +61,99 @@ def subspace_partition_specs(
   with jax.sharding.use_abstract_mesh(mesh):
     state = jax.eval_shape(optimizer.init, abstract)
   return jax.tree.map(lambda x: P(*spec_of(x)) if x.sharding is not None else P(), state)
+
+
+def _is_box(x: Any) -> bool:
+  """A flax box: linen ``nn.Partitioned``/``nn.LogicallyPartitioned`` or an nnx variable."""
+  from flax import nnx
+  from flax.core import meta
+
+  return isinstance(x, (meta.Partitioned, nnx.Variable))
+
+
+def _box_names(x: Any) -> tuple | None:
+  from flax import nnx
+
+  if isinstance(x, nnx.Variable):
+    names = x.get_metadata().get("out_sharding")
+    return None if names is None else tuple(names)
+  return tuple(x.names)
+
+
+def _box_value(x: Any) -> Any:
+  from flax import nnx
+
+  return x.get_value() if isinstance(x, nnx.Variable) else x.value
+
+
+def logical_partition_specs(
+    optimizer: optax.GradientTransformation, params: Any, param_axes: Any = None
+) -> Any:
+  r"""Logical axis names of ``optimizer.init(params)``, from the params' logical names.
+
+  The same traversal as :func:`subspace_partition_specs`, with logical axis
+  names (``"embed"``, ``"mlp"``, ``"layers"`` ...) in place of mesh axes:
+
+  * parameter-shaped state (Adam moments, EMAs, teachers) takes its parameter's names;
+  * rank-space moments of the subspace optimizers keep the names of the
+    unprojected side and of the stacked (batch) axes; the rank axis is ``None``
+    (replicated);
+  * projector state (DCT indices, SVD / online-PCA bases) keeps the names of the
+    stacked axes (and of the projected side for bases), ``None`` elsewhere;
+  * counters and other scalars: ``P()``.
+
+  Each leaf's spec has one entry per axis of the state leaf, so the result
+  plugs into the frameworks' logical-axis machinery:
+  ``flax.linen.logical_to_mesh_sharding(specs, mesh, rules)`` (MaxText),
+  ``nn.logical_to_mesh_axes(spec, rules)`` per leaf, or used directly as a
+  ``PartitionSpec`` when the logical names are mesh axes.
+
+  Args:
+    optimizer: any optax transformation (full optimizers, chains with optax
+      transforms).
+    params: arrays, ``jax.ShapeDtypeStruct`` or boxed params (flax linen
+      ``nn.LogicallyPartitioned``/``nn.Partitioned``, nnx variables with
+      ``out_sharding`` metadata); only shapes are read.
+    param_axes: a tree like the (unboxed) params of tuples of logical names (or
+      ``PartitionSpec``, ``None``: replicated); ``None`` reads them from the boxes
+      (an unboxed leaf is replicated).
+
+  Returns:
+    A tree like ``optimizer.init(unboxed params)`` with a ``PartitionSpec`` of
+    logical names per leaf.
+
+  Raises:
+    ValueError: a names tuple whose length differs from its parameter's ndim,
+      naming the leaf path.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from optimizers import dct_adamw, logical_partition_specs
+    >>> params = {"w": jax.ShapeDtypeStruct((16, 64), jnp.float32)}
+    >>> specs = logical_partition_specs(dct_adamw(1e-3, 4), params, {"w": ("embed", "mlp")})
+    >>> specs[0].inner_state.mu["w"], specs[0].projector_state.indices["w"]
+    (P('mlp', None), P(None,))
+  """
+  if param_axes is None:
+    param_axes = jax.tree.map(lambda b: _box_names(b) if _is_box(b) else None, params,
+                              is_leaf=_is_box)
+  params = jax.tree.map(lambda b: _box_value(b) if _is_box(b) else b, params, is_leaf=_is_box)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
+  try:
+    flat_axes = jax.tree.structure(params).flatten_up_to(param_axes)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"param_axes must be a tree like the params with a tuple of logical "
+                     f"names (or None) per leaf: {e}") from e
+  specs = []
+  for (path, x), axes in zip(jax.tree_util.tree_flatten_with_path(params)[0], flat_axes,
+                             strict=True):
+    names = () if axes is None else tuple(axes)
+    if len(names) > x.ndim:
+      raise ValueError(f"param_axes{jax.tree_util.keystr(path)}: {len(names)} names {names} "
+                       f"for a leaf of shape {list(x.shape)}.")
+    specs.append(P(*names))
+  state_specs = subspace_partition_specs(
+      optimizer, params, jax.tree.structure(params).unflatten(specs))
+  abstract = jax.eval_shape(optimizer.init, params)
+  return jax.tree.map(
+      lambda x, s: P(*(tuple(s) + (None,) * (x.ndim - len(s)))), abstract, state_specs)

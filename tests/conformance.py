@@ -631,3 +631,30 @@ def test_boxed_init(case, kind):
   for names, leaf, state_leaf in zip(expected, leaves, jax.tree.leaves(plain), strict=True):
     if names is not None and state_leaf.shape == shape_of[names]:
       assert _box_names(leaf) == names, (names, leaf)
+
+
+@cases
+def test_logical_partition_specs(case):
+  """The state's logical axis names: one entry per axis of every state leaf, a name only on
+  an axis of that name's size, parameter-shaped state with its parameter's names; the same
+  from explicit names and from boxed params."""
+  tx = case.make()
+  abstract = abstract_params()
+  state = jax.eval_shape(tx.init, abstract)
+  specs = optimizers.logical_partition_specs(tx, abstract, LOGICAL)
+  assert specs == optimizers.logical_partition_specs(tx, boxed_params("linen_logical"))
+  names_of = jax.tree.leaves(LOGICAL, is_leaf=_is_names)
+  shape_of = dict(zip(names_of, [p.shape for p in jax.tree.leaves(abstract)], strict=True))
+  size_of = {n: d for names, shape in shape_of.items() for n, d in zip(names, shape, strict=True)}
+  flat = jax.tree.structure(state).flatten_up_to(specs)
+  for x, spec in zip(jax.tree.leaves(state), flat, strict=True):
+    assert isinstance(spec, P) and len(spec) == x.ndim, (x.shape, spec)
+    for name, dim in zip(spec, x.shape, strict=True):
+      assert name is None or size_of[name] == dim, (x.shape, spec)
+  mirrored = optax.tree_map_params(
+      tx, lambda _, names: names, state, LOGICAL, transform_non_params=lambda _: None,
+      is_leaf=_is_names)
+  expected = jax.tree.leaves(mirrored, is_leaf=lambda x: x is None or _is_names(x))
+  for names, x, spec in zip(expected, jax.tree.leaves(state), flat, strict=True):
+    if names is not None and x.shape == shape_of[names]:
+      assert tuple(spec) == names, (names, spec)

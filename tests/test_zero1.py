@@ -75,3 +75,21 @@ def test_pretrain_zero1_same_trajectory_and_state_bytes(optimizer, replicate_bel
   ratio = zero1[0]["state_bytes_per_device"] / zero1[0]["state_bytes"]
   assert ratio <= 1.05 / 8, ratio
   assert plain[0]["state_bytes_per_device"] > zero1[0]["state_bytes_per_device"]
+
+
+def test_logical_specs_feed_flax_rules_and_reject_bad_names():
+  """logical_partition_specs' output goes through flax's logical-axis rules to mesh specs;
+  names that do not fit a parameter raise naming the leaf."""
+  import flax.linen as nn
+
+  import optimizers
+
+  params = {"w": jax.ShapeDtypeStruct((16, 64), jnp.float32)}
+  tx = optimizers.dct_adamw(1e-3, 4)
+  specs = optimizers.logical_partition_specs(tx, params, {"w": ("embed", "mlp")})
+  mesh_specs = nn.logical_to_mesh(specs, (("embed", "data"), ("mlp", "model")))
+  assert mesh_specs[0].inner_state.mu["w"] == P("model", None)  # (mlp side, rank) of (16, 64)
+  with pytest.raises(ValueError, match=r"param_axes\['w'\]: 3 names"):
+    optimizers.logical_partition_specs(tx, params, {"w": ("a", "b", "c")})
+  with pytest.raises(ValueError, match="param_axes must be a tree like the params"):
+    optimizers.logical_partition_specs(tx, params, {"v": ("a", "b")})
