@@ -38,6 +38,6 @@ from optimizers.spectral import (
     spectral_clip,
 )
 from optimizers.subspace import SubspaceState, subspace
+from optimizers.sven import ScaleBySvenState, scale_by_sven, sven, sven_leaf_paths
 from optimizers.trion import TrionState, scale_by_trion, trion
 from optimizers.zero import zero1_partition_specs
-from optimizers.sven import ScaleBySvenState, scale_by_sven, sven, sven_leaf_paths
