@@ -25,6 +25,7 @@ import optax
 
 __all__ = [
     "check_choice",
+    "check_floating_dtype",
     "check_int",
     "check_interval",
     "check_nonnegative",
@@ -113,6 +114,19 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
   """``value`` one of ``choices``."""
   if value not in choices:
     raise _fail(name, f"one of {tuple(choices)}", value)
+
+
+def check_floating_dtype(name: str, dtype: Any) -> Any:
+  """The canonical floating dtype of ``dtype`` (``None`` stays ``None``), else ValueError."""
+  if dtype is None:
+    return None
+  try:
+    canonical = jnp.dtype(dtype)
+  except TypeError:
+    canonical = None
+  if canonical is None or not jnp.issubdtype(canonical, jnp.floating):
+    raise _fail(name, "a floating dtype or None", dtype)
+  return canonical
 
 
 # ---------------------------------------------------------------------------

@@ -20,24 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optimizers._checks import check_floating_dtype as check_moment_dtype
+from optimizers._trees import upcast
+
 __all__ = ["check_moment_dtype", "scale_by_adam"]
-
-
-def check_moment_dtype(name: str, dtype: Any) -> Any:
-  """The canonical floating dtype of ``dtype`` (``None`` stays ``None``), else ValueError."""
-  if dtype is None:
-    return None
-  try:
-    canonical = jnp.dtype(dtype)
-  except TypeError:
-    canonical = None
-  if canonical is None or not jnp.issubdtype(canonical, jnp.floating):
-    raise ValueError(f"{name} must be a floating dtype or None, got {name}={dtype!r}.")
-  return canonical
-
-
-def _compute(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def scale_by_adam(
@@ -73,8 +59,8 @@ def scale_by_adam(
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_int32_increment(state.count)
-    mu = jax.tree.map(lambda g, m: b1 * _compute(m) + (1 - b1) * _compute(g), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: b2 * _compute(v) + (1 - b2) * jnp.square(_compute(g)),
+    mu = jax.tree.map(lambda g, m: b1 * upcast(m) + (1 - b1) * upcast(g), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: b2 * upcast(v) + (1 - b2) * jnp.square(upcast(g)),
                       updates, state.nu)
     c = count.astype(jnp.float32)
     bc1, bc2 = 1 - jnp.asarray(b1, jnp.float32) ** c, 1 - jnp.asarray(b2, jnp.float32) ** c

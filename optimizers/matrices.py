@@ -27,10 +27,6 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import GaLoreDimensionNumbers, MuonDimensionNumbers
 
-# Validation lives in optimizers._checks; these two names stay importable from here
-# only until optimizers/sven.py imports them from there.
-from optimizers._checks import check_real_floating, reject_masked_nodes  # noqa: F401
-
 __all__ = [
     "MatrixDims",
     "WeightDimensionNumbers",

@@ -37,13 +37,18 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from optimizers._checks import (
+    check_floating_dtype,
+    check_int,
+    check_interval,
+    check_nonnegative,
+    check_positive,
+)
+from optimizers._trees import upcast
+
 __all__ = ["SAFState", "SAF", "saf", "MESAState", "MESA", "mesa", "distillation_kl"]
 
 _NEVER = jnp.iinfo(jnp.int32).min  # epoch tag of a row never written
-
-
-def _is_concrete(x: Any) -> bool:
-  return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def distillation_kl(
@@ -191,17 +196,12 @@ def saf(
     Du et al., `Sharpness-Aware Training for Free
     <https://arxiv.org/abs/2205.14083>`_, NeurIPS 2022.
   """
-  for name, value in (("num_examples", num_examples), ("num_classes", num_classes)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {name}={value!r}.")
-  if not isinstance(lag, int) or lag < 1:
-    raise ValueError(f"lag must be an int >= 1, got lag={lag!r}.")
-  if not isinstance(start_epoch, int) or start_epoch < 0:
-    raise ValueError(f"start_epoch must be an int >= 0, got start_epoch={start_epoch!r}.")
-  if _is_concrete(temperature) and not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got temperature={temperature}.")
-  if _is_concrete(weight) and not weight >= 0:
-    raise ValueError(f"weight must be >= 0, got weight={weight}.")
+  check_int("num_examples", num_examples)
+  check_int("num_classes", num_classes)
+  check_int("lag", lag)
+  check_int("start_epoch", start_epoch, minimum=0)
+  check_positive("temperature", temperature)
+  check_nonnegative("weight", weight)
   slots = lag + 1
 
   def check_batch(logits: jax.Array, indices: jax.Array) -> None:
@@ -381,34 +381,21 @@ def mesa(
     Du et al., `Sharpness-Aware Training for Free
     <https://arxiv.org/abs/2205.14083>`_, NeurIPS 2022.
   """
-  if _is_concrete(decay) and not 0 <= decay <= 1:
-    raise ValueError(f"decay must be in [0, 1], got decay={decay}.")
-  if _is_concrete(temperature) and not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got temperature={temperature}.")
-  if _is_concrete(weight) and not weight >= 0:
-    raise ValueError(f"weight must be >= 0, got weight={weight}.")
-
-  if teacher_dtype is not None:
-    try:
-      teacher_dtype = jnp.dtype(teacher_dtype)
-    except TypeError as e:
-      raise ValueError(f"teacher_dtype must be a floating dtype or None, got "
-                       f"teacher_dtype={teacher_dtype!r}.") from e
-    if not jnp.issubdtype(teacher_dtype, jnp.floating):
-      raise ValueError(f"teacher_dtype must be a floating dtype or None, got "
-                       f"teacher_dtype={teacher_dtype!r}.")
-  wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  check_interval("decay", decay, 0, 1, include_high=True)
+  check_positive("temperature", temperature)
+  check_nonnegative("weight", weight)
+  teacher_dtype = check_floating_dtype("teacher_dtype", teacher_dtype)
 
   def init_fn(params: Any) -> MESAState:
     teacher = jax.tree.map(
-        lambda w: w.astype(teacher_dtype) if teacher_dtype is not None else wide(w), params)
+        lambda w: w.astype(teacher_dtype) if teacher_dtype is not None else upcast(w), params)
     return MESAState(teacher=teacher, count=jnp.zeros([], jnp.int32))
 
   def update_teacher_fn(state: MESAState, params: Any) -> MESAState:
     # computed in (at least) float32 from the stored teacher; only the result is rounded
-    new = jax.tree.map(lambda w, v: wide(w.astype(jnp.promote_types(w.dtype, v.dtype))),
+    new = jax.tree.map(lambda w, v: upcast(w.astype(jnp.promote_types(w.dtype, v.dtype))),
                        params, state.teacher)
-    teacher = optax.incremental_update(new, jax.tree.map(wide, state.teacher), 1.0 - decay)
+    teacher = optax.incremental_update(new, jax.tree.map(upcast, state.teacher), 1.0 - decay)
     teacher = jax.tree.map(lambda t, v: t.astype(v.dtype), teacher, state.teacher)
     return MESAState(teacher=teacher, count=optax.safe_increment(state.count))
 
