@@ -1,4 +1,4 @@
-"""ZeRO-1: optimizer state sharded over the data axis (zero1_partition_specs, pretrain --zero1)."""
+"""Optimizer-state sharding: ZeRO-1 specs (pretrain --zero1) and logical-axis specs."""
 
 import math
 
@@ -93,3 +93,22 @@ def test_logical_specs_feed_flax_rules_and_reject_bad_names():
     optimizers.logical_partition_specs(tx, params, {"w": ("a", "b", "c")})
   with pytest.raises(ValueError, match="param_axes must be a tree like the params"):
     optimizers.logical_partition_specs(tx, params, {"v": ("a", "b")})
+
+
+def test_logical_specs_of_a_chain_with_optax_transforms():
+  """Chains with optax pieces: clip, the low-rank optimizer, a schedule; moments of the
+  projected leaf keep the unprojected side's name, the bias' moments their parameter's."""
+  import optax
+
+  import optimizers
+
+  params = {"w": jax.ShapeDtypeStruct((2, 16, 64), jnp.float32),
+            "b": jax.ShapeDtypeStruct((64,), jnp.float32)}
+  axes = {"w": ("layers", "embed", "mlp"), "b": ("mlp",)}
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optimizers.online_subspace_descent(1e-3, 4), optax.scale(0.5))
+  specs = optimizers.logical_partition_specs(tx, params, axes)
+  osd = specs[1][0]
+  assert osd.inner_state.mu["w"] == P("layers", "mlp", None)  # (layers, k = 64, rank)
+  assert osd.inner_state.mu["b"] == P("mlp")
+  assert specs[0] == optax.EmptyState() or jax.tree.leaves(specs[0]) == []
