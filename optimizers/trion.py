@@ -1,0 +1,302 @@
+r"""Trion: Newton–Schulz orthogonalised momentum in a DCT subspace (SVD-free Dion).
+
+For every matrix leaf ``G`` (viewed as ``(*batch, m, n)``, see
+:mod:`optimizers.matrices`), oriented as ``(k, d)`` with the projected dimension
+``d`` last (:func:`optimizers.subspace`'s ``side``), with ``C`` the orthonormal
+DCT-II matrix of size ``d``:
+
+1. ``A = M + G`` (``M``: a full-size momentum buffer);
+2. ``T = A C^T``; keep the ``r`` columns ``S`` of ``T`` with the largest scores
+   (``l1`` column norms by default, as the reference code);
+3. ``a = T[:, S] = A C_S^T`` (``k x r``), ``O = NS(a)`` (Newton–Schulz polar factor,
+   :func:`optimizers.orthogonalize`), direction ``O C_S`` (``k x d``);
+4. ``M <- A - (1 - mu) a C_S``: the selected part of the momentum decays by ``mu``, the
+   rest is kept whole (error feedback: nothing the projection drops is lost).
+
+The direction is scaled by ``sqrt(max(1, fan_out / fan_in))`` (Muon's shape factor;
+the reference's ``"kj"`` scaling of a torch ``(out, in)`` weight). Leaves that are not
+matrices (biases, norms, and whatever ``weight_dimension_numbers`` leaves out, such as
+embeddings) take AdamW, as in the reference. Steps 2–3 are :func:`optimizers.subspace`
+with a :func:`optimizers.dct_projector` and a Newton–Schulz inner transformation; the
+buffer ``M`` is the only full-size state (as Muon's momentum), plus ``r`` int32 indices
+per matrix. No SVD, QR or eigendecomposition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optimizers._checks import check_choice, check_int, check_interval, check_nonnegative
+from optimizers._moments import check_moment_dtype, scale_by_adam
+from optimizers.linalg import NS_COEFFS, orthogonalize
+from optimizers.matrices import MatrixDims, WeightDimensionNumbers, resolve_matrix_dims
+from optimizers.projectors import dct_projector
+from optimizers.spectral import scale_by_shape_factor
+from optimizers.subspace import SubspaceState, _from_oriented, _oriented, _plans, subspace
+
+__all__ = ["TrionState", "scale_by_trion", "trion"]
+
+
+class TrionState(NamedTuple):
+  """State of :func:`scale_by_trion`.
+
+  Attributes:
+    momentum: params-shaped: the error-feedback buffer ``M`` of matrix leaves and
+      Adam's first moment of the other leaves (dtype ``mu_dtype``, default the
+      parameter's).
+    nu: Adam's second moment of the non-matrix leaves (``nu_dtype``); a float32
+      scalar placeholder for matrix leaves.
+    count: Adam's step count (bias correction), int32.
+    subspace: the :func:`optimizers.subspace` state (the kept DCT indices).
+  """
+
+  momentum: Any
+  nu: Any
+  count: jax.Array
+  subspace: SubspaceState
+
+
+def _orthogonalized(ns_steps: int, coeffs: Any) -> optax.GradientTransformation:
+  """Stateless: Newton–Schulz polar factor of every leaf with ndim >= 2 (the low-rank
+  momenta inside :func:`subspace`); scalar placeholders pass through."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(
+        lambda x: orthogonalize(x, ns_steps=ns_steps, coeffs=coeffs) if x.ndim >= 2 else x,
+        updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _is_dims_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, MatrixDims)
+
+
+def scale_by_trion(
+    rank: int,
+    *,
+    momentum: float | jax.Array = 0.95,
+    ns_steps: int = 5,
+    ns_coeffs: str | tuple[float, float, float] = "muon",
+    score: str = "l1",
+    update_every: int = 1,
+    side: str = "smaller",
+    method: str = "auto",
+    adam_b1: float | jax.Array = 0.9,
+    adam_b2: float | jax.Array = 0.95,
+    adam_eps: float | jax.Array = 1e-8,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+) -> optax.GradientTransformation:
+  r"""Trion's direction (module docstring) for matrix leaves, Adam's for the others.
+
+  Args:
+    rank: kept DCT columns per matrix (clamped to ``min(m, n)``).
+    momentum: ``mu``, the decay of the selected part of the buffer (reference 0.95).
+    ns_steps: Newton–Schulz iterations (reference 5).
+    ns_coeffs: a preset of :data:`optimizers.linalg.NS_COEFFS` or ``(a, b, c)``
+      (reference: Muon's).
+    score: DCT column score, ``"l1"`` (reference) or ``"l2"``.
+    update_every: selection period (reference: every step).
+    side: projected dimension (see :func:`optimizers.subspace`; reference: the smaller).
+    method: DCT application (see :func:`optimizers.dct_transform`).
+    adam_b1: Adam ``beta1`` of the non-matrix leaves (reference 0.9).
+    adam_b2: Adam ``beta2`` of the non-matrix leaves (reference 0.95).
+    adam_eps: Adam ``eps`` of the non-matrix leaves.
+    mu_dtype: storage dtype of the buffer ``M`` and Adam's first moment.
+    nu_dtype: storage dtype of Adam's second moment.
+    weight_dimension_numbers: matrix view (see :func:`optimizers.subspace`).
+
+  Returns:
+    An ``optax.GradientTransformation`` (updates in the gradient's dtype).
+  """
+  check_int("ns_steps", ns_steps, minimum=0)
+  if isinstance(ns_coeffs, str):
+    check_choice("ns_coeffs", ns_coeffs, tuple(NS_COEFFS))
+  check_interval("momentum", momentum, 0.0, 1.0)
+  check_interval("adam_b1", adam_b1, 0.0, 1.0)
+  check_interval("adam_b2", adam_b2, 0.0, 1.0)
+  check_nonnegative("adam_eps", adam_eps)
+  mu_dtype = check_moment_dtype("mu_dtype", mu_dtype)
+  nu_dtype = check_moment_dtype("nu_dtype", nu_dtype)
+  projector = dct_projector(rank, update_every=update_every, score=score, method=method)
+  inner = _orthogonalized(ns_steps, ns_coeffs)
+  adam = scale_by_adam(adam_b1, adam_b2, adam_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+  subspace(inner, projector, side=side)  # validates side
+
+  def matrix_flags(tree):
+    dims = resolve_matrix_dims(weight_dimension_numbers, tree)
+    return dims, jax.tree.map(lambda d, _: d is not None, dims, tree, is_leaf=_is_dims_leaf)
+
+  def wrapper(dims):
+    return subspace(inner, projector, side=side, weight_dimension_numbers=dims)
+
+  def pick(flags, tree, placeholder):
+    return jax.tree.map(lambda f, x: x if f else placeholder(x), flags, tree)
+
+  scalar = lambda x: jnp.zeros((), jnp.float32)
+
+  def init_fn(params):
+    if not jax.tree.leaves(params):  # optax.tree_map_params' placeholder
+      return TrionState(params, params, jnp.zeros([], jnp.int32), wrapper(None).init(params))
+    dims, flags = matrix_flags(params)
+    adam_state = adam.init(params)
+    buffer = jax.tree.map(lambda x, mu: jnp.zeros_like(x, dtype=mu.dtype), params, adam_state.mu)
+    return TrionState(
+        momentum=buffer,  # matrix leaves: M; others: Adam's mu (same shape and dtype rule)
+        nu=jax.tree.map(lambda f, v: scalar(v) if f else v, flags, adam_state.nu),
+        count=jnp.zeros([], jnp.int32),
+        subspace=wrapper(dims).init(pick(flags, params, scalar)),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    dims, flags = matrix_flags(updates)
+    up = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    acc = jax.tree.map(lambda f, g, m: up(m) + up(g) if f else scalar(g), flags, updates,
+                       state.momentum)
+    sub = wrapper(dims)
+    directions, sub_state = sub.update(acc, state.subspace)
+    selected = _selected_part(acc, sub_state, dims, projector, side)
+    buffer = jax.tree.map(
+        lambda f, a, s, m: (a - (1 - momentum) * s).astype(m.dtype) if f else m,
+        flags, acc, selected, state.momentum)
+    # Adam on the other leaves (matrix leaves see a zero gradient there and are discarded)
+    vec = lambda f, x: jnp.zeros((), x.dtype) if f else x
+    adam_in = jax.tree.map(vec, flags, updates)
+    adam_state = optax.ScaleByAdamState(
+        state.count, jax.tree.map(lambda f, m: vec(f, m), flags, state.momentum), state.nu)
+    adam_out, adam_state = adam.update(adam_in, adam_state)
+    out = jax.tree.map(lambda f, d, a, g: (d if f else a).astype(g.dtype), flags, directions,
+                       adam_out, updates)
+    buffer = jax.tree.map(lambda f, b, m: b if f else m, flags, buffer, adam_state.mu)
+    return out, TrionState(buffer, adam_state.nu, adam_state.count, sub_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _selected_part(acc: Any, sub_state: SubspaceState, dims: Any, projector, side: str) -> Any:
+  """``A C_S^T C_S`` per matrix leaf of ``acc`` on the indices just selected (zeros for
+  the other leaves)."""
+  leaves, treedef, plans = _plans(acc, dims, projector.rank, side)
+  indices = treedef.flatten_up_to(sub_state.projector_state.indices)
+  out = []
+  for x, plan, idx in zip(leaves, plans, indices, strict=True):
+    if plan is None:
+      out.append(jnp.zeros_like(x))
+      continue
+    pstate = type(sub_state.projector_state)(idx)
+    a = _oriented(x, plan)
+    low = projector.project(a, pstate)
+    out.append(_from_oriented(projector.back_project(low, pstate, plan.d), plan, x.shape))
+  return treedef.unflatten(out)
+
+
+def trion(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int,
+    *,
+    momentum: float | jax.Array = 0.95,
+    weight_decay: float | jax.Array = 0.0,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    ns_steps: int = 5,
+    ns_coeffs: str | tuple[float, float, float] = "muon",
+    score: str = "l1",
+    update_every: int = 1,
+    side: str = "smaller",
+    method: str = "auto",
+    shape_factor: bool = True,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float | jax.Array = 0.9,
+    adam_b2: float | jax.Array = 0.95,
+    adam_eps: float | jax.Array = 1e-8,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+) -> optax.GradientTransformation:
+  r"""Trion (Modoranu et al.): DCT low-rank, Newton–Schulz orthogonalised momentum.
+
+  Matrix leaves: ``W <- W - lr (a O C_S + weight_decay W)`` with the orthogonalised
+  low-rank momentum ``O C_S`` of :func:`scale_by_trion` (module docstring) and the shape
+  factor ``a = sqrt(max(1, fan_out / fan_in))``. Other leaves: AdamW with
+  ``adam_learning_rate`` (default: ``learning_rate``, as ``optax.contrib.muon``; the
+  reference trains them with a separate, smaller rate: pass one). State: a full-size
+  buffer per matrix (as Muon) and ``r`` int32 indices; no SVD.
+
+  Args:
+    learning_rate: scalar or schedule of the matrix leaves (reference default 0.02).
+    rank: kept DCT columns per matrix (clamped to ``min(m, n)``).
+    momentum: decay ``mu`` of the selected part of the buffer (reference 0.95).
+    weight_decay: decoupled weight decay (both groups, times their learning rates).
+    mask: weight-decay mask (as ``optax.adamw``).
+    ns_steps: Newton–Schulz iterations.
+    ns_coeffs: Newton–Schulz coefficients (preset name or ``(a, b, c)``).
+    score: DCT column score, ``"l1"`` (reference) or ``"l2"``.
+    update_every: selection period.
+    side: projected dimension (see :func:`optimizers.subspace`).
+    method: DCT application.
+    shape_factor: multiply the matrix directions by ``sqrt(max(1, fan_out / fan_in))``.
+    adam_learning_rate: scalar or schedule of the non-matrix leaves (None: ``learning_rate``).
+    adam_b1: Adam ``beta1`` of the non-matrix leaves.
+    adam_b2: Adam ``beta2`` of the non-matrix leaves (reference 0.95).
+    adam_eps: Adam ``eps`` of the non-matrix leaves.
+    mu_dtype: storage dtype of the momentum buffer and Adam's first moment.
+    nu_dtype: storage dtype of Adam's second moment.
+    weight_dimension_numbers: matrix view (see :func:`optimizers.subspace`).
+
+  Returns:
+    An ``optax.GradientTransformation`` returning ``-lr * direction``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optimizers import trion
+    >>> params = {"w": jnp.ones((8, 16)), "b": jnp.zeros(16)}
+    >>> opt = trion(0.02, rank=4)
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": jnp.ones((8, 16)), "b": jnp.ones(16)}, state, params)
+    >>> updates["w"].shape, state[0].subspace.projector_state.indices["w"].shape
+    ((8, 16), (4,))
+
+  References:
+    Modoranu et al., "SVD-free low-rank adaptive gradient optimization for large language
+    models", https://arxiv.org/abs/2505.17967;
+    Ahn et al., Dion, https://arxiv.org/abs/2504.05295;
+    Jordan et al., Muon (2024), https://kellerjordan.github.io/posts/muon/
+  """
+  direction = scale_by_trion(
+      rank, momentum=momentum, ns_steps=ns_steps, ns_coeffs=ns_coeffs, score=score,
+      update_every=update_every, side=side, method=method, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps=adam_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      weight_dimension_numbers=weight_dimension_numbers,
+  )
+  return optax.chain(
+      direction,
+      scale_by_shape_factor(weight_dimension_numbers) if shape_factor else optax.identity(),
+      optax.add_decayed_weights(weight_decay, mask),
+      _scale_by_learning_rates(learning_rate, adam_learning_rate, weight_dimension_numbers),
+  )
+
+
+def _scale_by_learning_rates(learning_rate, adam_learning_rate, weight_dimension_numbers):
+  """``-lr`` on matrix leaves and ``-adam_lr`` on the others (one rate when None)."""
+  if adam_learning_rate is None:
+    return optax.scale_by_learning_rate(learning_rate)
+  value = lambda lr, count: lr(count) if callable(lr) else lr
+
+  def update_fn(updates, state, params=None):
+    del params
+    dims = resolve_matrix_dims(weight_dimension_numbers, updates)
+    lr, adam_lr = value(learning_rate, state.count), value(adam_learning_rate, state.count)
+    out = jax.tree.map(lambda d, u: (-(adam_lr if d is None else lr) * u).astype(u.dtype),
+                       dims, updates, is_leaf=_is_dims_leaf)
+    return out, optax.ScaleByScheduleState(optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(
+      lambda params: optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)), update_fn)
