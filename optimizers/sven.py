@@ -63,12 +63,62 @@ the step is the change of variables ``theta = D phi``:
 the outer ``D``, which is not invariant to the scale of ``D``; with it the step
 is invariant to rescaling ``nu`` (so no bias correction is needed).
 
+Separable residuals. With ``example_residual_fn(params, example)`` (a scalar or
+``(T,)`` per example) and ``batch`` (leading axis = examples) in place of
+``residual_fn``, the rows of ``M`` come from ONE vmapped per-example forward +
+backward pass (``B`` per-example backward passes, where ``jax.jacrev`` of a
+whole-batch function runs ``B`` backward passes over the whole batch). The
+per-example function is traced once to a jaxpr; a parameter leaf that enters it
+exactly once, as an operand of a ``dot_general`` without batch dimensions
+(possibly through a cast, transpose or reshape, possibly inside a ``jit``), is
+*dense*: with the layer input ``a_{it}`` and output cotangent ``g_{it}`` of
+example ``i`` at position ``t`` (``t`` runs over the activation's free axes,
+e.g. a sequence), its per-example gradient is ``sum_t a_{it} g_{it}^T`` and
+
+.. math::
+
+  (M_l M_l^T)_{ij} = \sum_{t,s} (a_{it} \cdot a_{js}) (g_{it} \cdot g_{js})
+
+(the "ghost" inner products of per-example gradient clipping; for ``T = 1`` it
+is ``(A A^T) * (G G^T)``; when ``T^2`` outgrows the leaf the per-example
+gradients are formed instead). The ``g`` are the gradients of the residuals with
+respect to a zero added to the layer's output, so one backward pass gives all
+of them and no per-example weight gradient is formed; the step's block for the
+leaf is ``sum_{i,t} w_i a_{it} g_{it}^T``, one contraction. Leaves used any other
+way (biases, norm scales, embeddings, weight-tied or reused kernels) take the
+per-example pass; a leaf used inside control flow, a custom-derivative function
+or a convolution does too, with a warning (once). :func:`sven_leaf_paths` lists
+each leaf's path; ``dense_leaves`` declares it instead. The refinement pass of
+the Gram form (above) forms the rotated rows of a dense leaf a block of its input
+axis at a time, so it too never holds per-example gradients of a whole leaf. With
+``rms_decay`` or ``param_fraction`` (a column scaling inside ``M``) every leaf takes
+the per-example pass. ``"matrix_free"`` and microbatched ``"gram"`` use the
+batch's residuals ``vmap(example_residual_fn)`` as ``residual_fn``.
+
+The reference's options. Polyak step (``polyak``): the direction is scaled by
+``eta = clip((mean R - f*) / (mean U_k U_k^T R + 1e-8), 0, polyak_max)``, where
+``mean U_k U_k^T R = g . delta`` with ``g = M^T 1 / m``: the step length at which the
+linearised mean residual reaches ``f*`` (the authors' Polyak rule
+``(loss - f*) / (||g||^2 + eps)``, capped, with the Sven direction in place of the
+gradient; meant for residuals that are per-sample losses, the reference's default;
+``eta = 0`` when the direction does not decrease the mean residual). Row
+reduction: ``row_group_size`` averages residuals (and rows) over consecutive
+groups, as the authors' ``microbatch_size`` averages losses; ``row_fraction`` masks
+all but a random ``int(row_fraction * n)`` rows each step. Parameter masking
+(``param_fraction``): only ``int(param_fraction * P)`` parameters move each step,
+``delta = D pinv_k(M D) R`` with ``D`` a 0/1 mask, drawn entry by entry or
+(``mask_by_block``) as the authors draw blocks: leaves in random order, whole
+until the next would reach the target, that one in part. The random draws come
+from the state's key: ``key, draw = split(key)``, rows from ``fold_in(draw, 0)``,
+parameters from ``fold_in(draw, 1)``.
+
 The incoming ``updates`` are not used for the direction (only for the output
-dtypes): Sven reads ``residual_fn`` and ``params`` instead.
+dtypes): Sven reads the residuals and ``params`` instead.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -139,6 +189,34 @@ def _gram_of_blocks(blocks: Any) -> jax.Array:
     terms = [jnp.einsum("b...,c...->bc", j, j, precision=_HIGHEST, out_sharding=rep)
              for j in jax.tree.leaves(blocks)]
   return sum(terms[1:], terms[0])
+
+
+def _rotated_gram_of_blocks(t: jax.Array, blocks: Any) -> jax.Array:
+  """``(T^T M)(T^T M)^T`` from the per-leaf blocks, without an explicit mesh a block of
+  columns at a time (the rotated rows never exist whole)."""
+  if _replicated() is not None:
+    return _gram_of_blocks(_rotate_blocks(t, blocks))
+  c = t.shape[1]
+  width = max(1, (1 << 18) // max(1, c))  # columns per chunk: ~1 MiB of rotated rows
+  total = jnp.zeros((c, c), t.dtype)
+
+  def gram(x):
+    y = jnp.matmul(t.T, x, precision=_HIGHEST)
+    return jnp.matmul(y, y.T, precision=_HIGHEST)
+
+  for j in jax.tree.leaves(blocks):
+    m = jnp.reshape(j, (j.shape[0], -1))
+    cols = m.shape[1]
+    full = cols // width
+    if full > 1:
+      total = jax.lax.fori_loop(
+          0, full, lambda i, acc, m=m: acc + gram(
+              jax.lax.dynamic_slice_in_dim(m, i * width, width, axis=1)), total)
+      if cols % width:
+        total = total + gram(m[:, full * width:])
+    else:
+      total = total + gram(m)
+  return total
 
 
 def _rotate_blocks(t: jax.Array, blocks: Any) -> Any:
@@ -600,7 +678,7 @@ def scale_by_sven(
         t = jax.vmap(row_t, in_axes=1, out_axes=1)(t)
         terms = [_ghost_rotated_gram(a, gc, t) for a, gc in factors]
         if free_rows:
-          terms.append(_gram_of_blocks(_rotate_blocks(t, free_rows)))
+          terms.append(_rotated_gram_of_blocks(t, free_rows))
         return sum(terms[1:], terms[0])
 
       u, s = _spectrum(*_sorted_eigh(g), rank, rtol, rotated_gram)
@@ -641,7 +719,7 @@ def scale_by_sven(
       else:
         g = _gram_of_blocks(blocks)
         u, s = _spectrum(*_sorted_eigh(g), rank, rtol,
-                         lambda t: _gram_of_blocks(_rotate_blocks(t, blocks)))
+                         lambda t: _rotated_gram_of_blocks(t, blocks))
         check = g
       keep = _keep_mask(s, rank, rtol)
       delta = _blocks_transpose_times(blocks, _pinv_weights(u, s, keep, r_used))
@@ -946,6 +1024,12 @@ def _analyse(closed, num_leaves: int, ghost: bool, declared: Sequence[bool | Non
         _warn_once(f"Sven ghost Gram: {names[leaf]} is used inside '{opaque[0]}', which the "
                    "ghost Gram does not look into; its Jacobian rows come from the "
                    "per-example pass")
+  # A jitted helper applied to several leaves shares one inner equation: not per leaf.
+  shared = {k for k, v in collections.Counter(id(u.eqn) for u in dense.values()).items() if v > 1}
+  for leaf in [leaf for leaf, use in dense.items() if id(use.eqn) in shared]:
+    del dense[leaf]
+    reasons[leaf] = "matmul in a sub-function shared with other leaves"
+  contains = {call: ids - shared for call, ids in contains.items() if ids - shared}
   ghost_eqns = {id(use.eqn): pos for pos, use in enumerate(dense.values())}
   return _Analysis(closed, dense, reasons, ghost_eqns, set(contains))
 
