@@ -75,6 +75,9 @@ def _public_names(package: str) -> list[tuple[str, str]]:
     home = getattr(obj, "__module__", "") or ""
     if home.split(".")[0] != package:
       continue  # re-exported from another package: documented there
+    if getattr(obj, "__name__", name) != name and getattr(mod, obj.__name__, None) is obj:
+      rows.append((name, "alias"))  # another public name for the same object
+      continue
     kind = "class" if inspect.isclass(obj) else "function"
     rows.append((name, kind))
   return rows
@@ -94,6 +97,8 @@ def _reexports(package: str) -> list[tuple[str, str]]:
 
 
 def _write_api_pages() -> None:
+  # Stubs of names that are gone (or became aliases) would be orphan pages: regenerate all.
+  shutil.rmtree(DOCS / "api" / "_autosummary", ignore_errors=True)
   for package, blurb in [
       ("optimizers", "Update-direction transformations, full optimizers and matrix numerics."),
       ("regularizers", "Objective-shaping transformations: sharpness, SAF/MESA, gradient surgery."),
@@ -109,6 +114,12 @@ def _write_api_pages() -> None:
                 "   :nosignatures:", ""]
       lines += [f"   {n}" for n in group] + [""]
     lines += ["```", ""]
+    mod = __import__(package)
+    aliases = [n for n, k in names if k == "alias"]
+    if aliases:
+      lines += ["Aliases: " + ", ".join(
+          f"`{n}` is {{py:obj}}`{getattr(mod, n).__name__} <{package}.{getattr(mod, n).__name__}>`"
+          for n in aliases) + ".", ""]
     again = _reexports(package)
     if again:
       lines += ["Also importable from here: "
