@@ -1,8 +1,8 @@
 """The sharded pretraining script on 8 simulated CPU devices (mesh 4 x 2)."""
 
-import numpy as np
 import pytest
 
+from _reference import assert_descends
 from bench.methods import registry
 from bench.pretrain import GPTConfig, RunConfig, run
 
@@ -18,8 +18,8 @@ def _config(**kw) -> RunConfig:
 def test_each_optimizer_trains_sharded_with_stacked_layers(name):
   history = run(_config(optimizer=name))
   losses = [h["loss"] for h in history]
-  assert len(losses) == 3 and np.all(np.isfinite(losses))
-  assert losses[-1] != losses[0]
+  assert len(losses) == 3
+  assert_descends(losses, what=f"{name} training loss")  # finite, and it goes down
 
 
 # The script's checkpoint path with per-layer weights, a projector state, and MESA's teacher
