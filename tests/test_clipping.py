@@ -56,7 +56,7 @@ def assert_close_to_ref(got, ref):
     np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=tol, atol=0)
 
 
-def random_tree(seed: int, dtype_b=jnp.bfloat16) -> dict:
+def heavy_tailed_tree(seed: int, dtype_b=jnp.bfloat16) -> dict:
   """Several leaves: matrices, a stacked (layers, m, n) leaf, a scalar, bf16, heavy tails."""
   rng = np.random.default_rng(seed)
   return {
@@ -84,7 +84,7 @@ def apply(tx, tree):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_threshold_matches_sort_reference(seed, method):
-  tree = random_tree(seed)
+  tree = heavy_tailed_tree(seed)
   for fraction in [0.0, 0.013, 0.1, 0.37, 0.9, 0.999]:
     expected = ref_tau(tree, fraction)
     traced = threshold_fn(tree, jnp.float32(fraction), method=method)
@@ -156,7 +156,7 @@ def test_bisect_with_fewer_steps_within_stated_bound(steps):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_update_matches_reference(method, scale):
-  tree = random_tree(5)
+  tree = heavy_tailed_tree(5)
   n = sum(x.size for x in jax.tree.leaves(tree))
   tx = clip_coordinatewise(0.1, scale=scale, method=method)
   updates, state = apply(tx, tree)
@@ -189,7 +189,7 @@ def test_ties_clip_the_whole_tie_block(method):
 
 
 def test_fraction_zero_is_identity():
-  tree, scale = random_tree(7), 0.25
+  tree, scale = heavy_tailed_tree(7), 0.25
   tx = clip_coordinatewise(0.0, scale=scale)
   updates, state = apply(tx, tree)
   chex.assert_trees_all_equal(updates, tree)
@@ -207,7 +207,7 @@ def test_fraction_zero_is_identity():
 
 
 def test_fixed_threshold_and_scale():
-  tree = random_tree(8)
+  tree = heavy_tailed_tree(8)
   n = sum(x.size for x in jax.tree.leaves(tree))
   for threshold, scale in [(0.5, 1.0), (1.7, 0.3), (1e6, 2.0)]:
     tx = clip_coordinatewise(threshold=threshold, scale=scale)
@@ -243,7 +243,7 @@ def test_permutation_invariance(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_gradients_give_zeros(method):
-  tree = jax.tree.map(jnp.zeros_like, random_tree(10))
+  tree = jax.tree.map(jnp.zeros_like, heavy_tailed_tree(10))
   tx = clip_coordinatewise(0.1, scale=0.5, method=method)
   updates, state = apply(tx, tree)
   chex.assert_trees_all_equal(updates, tree)
@@ -256,7 +256,7 @@ def test_zero_gradients_give_zeros(method):
 def test_non_finite_gradients_stay_visible(method):
   """NaN/Inf pass through unchanged and rank as +inf; the rest is clipped as if they were
   the largest magnitudes (tau not poisoned)."""
-  tree = random_tree(11)
+  tree = heavy_tailed_tree(11)
   tree["head"] = tree["head"].at[0, 0].set(jnp.nan).at[1, 2].set(-jnp.inf)
   tree["dense"]["bias"] = tree["dense"]["bias"].at[3].set(jnp.nan)
   tx = clip_coordinatewise(0.2, method=method)
@@ -326,7 +326,7 @@ def test_none_and_masked_leaves_are_ignored():
 
 def test_init_under_eval_shape_and_placeholder():
   tx = clip_coordinatewise(0.1)
-  state = jax.eval_shape(tx.init, random_tree(0))
+  state = jax.eval_shape(tx.init, heavy_tailed_tree(0))
   assert state.threshold.shape == () and state.threshold.dtype == jnp.float32
 
 

@@ -21,24 +21,12 @@ from hypothesis import strategies as st
 
 import optimizers
 import regularizers
+from _reference import random_tree
 
 PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 seeds = st.integers(0, 2**32 - 1)
 exponents = st.integers(-30, 30)  # scales 1e-30 .. 1e30
-
-
-def random_tree(seed: int, shapes: dict, *, bounded_below: bool = False) -> dict:
-  """float32 leaves ~ N(0, 1); with ``bounded_below`` magnitudes in [0.5, ~5] (so that
-  scaling by 1e-30 stays clear of float32's denormals)."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for name, shape in shapes.items():
-    x = rng.standard_normal(shape)
-    if bounded_below:
-      x = np.sign(x) * (0.5 + np.abs(x))
-    out[name] = np.asarray(x, np.float32)
-  return out
 
 
 def scaled(tree, s):

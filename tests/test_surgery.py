@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from _reference import random_tree
 from regularizers import (
     BloopState,
     bloop,
@@ -23,11 +24,6 @@ SHAPES = {"a": (3, 5), "b": (5, 3), "c": (2, 3, 4), "v": (4,), "s": ()}
 BASELINES = {"mixed": mixed, "pcgrad": pcgrad, "dynamic_barrier": dynamic_barrier}
 ALL_AUX = {"bloop": bloop, **BASELINES}
 TOL = {jnp.float32: {"rtol": 1e-5, "atol": 1e-6}, jnp.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
-
-
-def random_tree(rng, dtype=jnp.float32, shapes=SHAPES):
-  return {k: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
-          for k, s in shapes.items()}
 
 
 def np64(tree):
@@ -162,8 +158,8 @@ def test_bloop_hand_derived_two_steps_both_orders():
 @pytest.mark.parametrize("ema_order", ["before", "after"])
 def test_bloop_matches_reference_over_steps(projection, ema_order):
   rng = np.random.default_rng(0)
-  gs = [random_tree(rng) for _ in range(5)]
-  as_ = [random_tree(rng) for _ in range(5)]
+  gs = [random_tree(rng, SHAPES) for _ in range(5)]
+  as_ = [random_tree(rng, SHAPES) for _ in range(5)]
   lam, decay, eps = 0.3, 0.8, 1e-8
   tx = bloop(lam, decay=decay, eps=eps, projection=projection, ema_order=ema_order)
   step = jax.jit(lambda g, s, a: tx.update(g, s, aux_grads=a))
@@ -184,7 +180,7 @@ def test_bloop_matches_reference_over_steps(projection, ema_order):
 
 def test_ema_orders_differ_and_first_before_step_is_mixed():
   rng = np.random.default_rng(1)
-  g, a = random_tree(rng), random_tree(rng)
+  g, a = random_tree(rng, SHAPES), random_tree(rng, SHAPES)
   d_before, s_before = update(bloop(0.7), g, aux_grads=a)
   d_after, s_after = update(bloop(0.7, ema_order="after"), g, aux_grads=a)
   d_mixed, _ = update(mixed(0.7), g, aux_grads=a)
@@ -200,7 +196,7 @@ def test_ema_orders_differ_and_first_before_step_is_mixed():
 def test_global_vs_per_leaf_orthogonality(projection):
   """d - g = lam pi(a) is orthogonal to m summed over leaves (global) or leaf by leaf."""
   rng = np.random.default_rng(2)
-  g, a = random_tree(rng), random_tree(rng)
+  g, a = random_tree(rng, SHAPES), random_tree(rng, SHAPES)
   lam = 0.4
   d, state = update(bloop(lam, decay=0.0, ema_order="after", projection=projection), g,
                     aux_grads=a)
@@ -217,7 +213,7 @@ def test_global_vs_per_leaf_orthogonality(projection):
 
 def test_aux_weight_zero_gives_main_gradient():
   rng = np.random.default_rng(3)
-  g = random_tree(rng)
+  g = random_tree(rng, SHAPES)
   a = jax.tree.map(lambda x: -x + 0.1, g)  # conflicting
   for tx in [bloop(0.0), bloop(0.0, ema_order="after", projection="per_leaf"), mixed(0.0),
              dynamic_barrier(0.0)]:
@@ -262,7 +258,7 @@ def test_bloop_bilevel_fixed_point():
 @pytest.mark.parametrize("relation", ["conflict", "agree"])
 def test_baselines_match_reference(name, relation):
   rng = np.random.default_rng(4)
-  g, noise = random_tree(rng), random_tree(rng)
+  g, noise = random_tree(rng, SHAPES), random_tree(rng, SHAPES)
   sign = -1.0 if relation == "conflict" else 1.0
   a = jax.tree.map(lambda x, n: sign * 0.8 * x + 0.5 * n, g, noise)
   g64, a64 = np64(g), np64(a)
@@ -291,7 +287,7 @@ def test_baselines_match_reference(name, relation):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_dtypes_against_reference(name, dtype):
   rng = np.random.default_rng(5)
-  g, a = random_tree(rng, dtype), random_tree(rng, dtype)
+  g, a = random_tree(rng, SHAPES, dtype), random_tree(rng, SHAPES, dtype)
   lam = 0.6
   tx = ALL_AUX[name](lam, **({"ema_order": "after", "decay": 0.5} if name == "bloop" else {}))
   d, state = update(tx, g, aux_grads=a)
@@ -308,7 +304,7 @@ def test_dtypes_against_reference(name, dtype):
 @pytest.mark.parametrize("name", list(ALL_AUX))
 def test_zero_gradients_are_finite(name):
   zeros = {k: jnp.zeros(s) for k, s in SHAPES.items()}
-  a = random_tree(np.random.default_rng(6))
+  a = random_tree(np.random.default_rng(6), SHAPES)
   kwargs = {"eps": 0.0} if name == "bloop" else {}
   tx = ALL_AUX[name](0.5, **kwargs)
   state = tx.init(zeros)
@@ -323,7 +319,7 @@ def test_zero_gradients_are_finite(name):
 
 def test_bloop_nan_policy():
   rng = np.random.default_rng(7)
-  g, a = random_tree(rng), random_tree(rng)
+  g, a = random_tree(rng, SHAPES), random_tree(rng, SHAPES)
   tx = bloop(0.5)
   _, state = update(tx, g, aux_grads=a)  # a nonzero EMA
   g_nan = {**g, "a": g["a"].at[0, 0].set(jnp.nan)}
@@ -346,7 +342,7 @@ def test_bloop_nan_policy():
 @pytest.mark.parametrize("name", ["mixed", "pcgrad", "dynamic_barrier"])
 def test_baselines_nan_visible(name):
   rng = np.random.default_rng(8)
-  g, a = random_tree(rng), random_tree(rng)
+  g, a = random_tree(rng, SHAPES), random_tree(rng, SHAPES)
   for gg, aa in [({**g, "b": g["b"].at[1, 1].set(jnp.nan)}, a),
                  (g, {**a, "c": a["c"].at[0, 1, 2].set(jnp.nan)})]:
     d, _ = update(BASELINES[name](0.5), gg, aux_grads=aa)
@@ -361,7 +357,7 @@ def test_baselines_nan_visible(name):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_perp_grad_matches_reference_and_is_orthogonal(dtype):
   rng = np.random.default_rng(9)
-  g, w = random_tree(rng, dtype), random_tree(rng, dtype)
+  g, w = random_tree(rng, SHAPES, dtype), random_tree(rng, SHAPES, dtype)
   w["b"] = jnp.zeros_like(w["b"])  # a zero-weight leaf passes through unchanged
   tx = perp_grad()
   d, state = jax.jit(tx.update)(g, tx.init(w), w)
@@ -389,7 +385,7 @@ def test_perp_grad_zeros_and_errors():
   assert float(state.radial_fraction) == 0.0
   with pytest.raises(ValueError, match="params"):
     tx.update(zeros, tx.init(zeros))
-  w = random_tree(np.random.default_rng(10))
+  w = random_tree(np.random.default_rng(10), SHAPES)
   d, _ = tx.update({**zeros, "a": zeros["a"].at[0, 0].set(jnp.nan)}, tx.init(w), w)
   assert not bool(jnp.any(jnp.isfinite(d["a"])))
 
@@ -477,7 +473,7 @@ def test_helper_feeds_bloop_in_a_training_step():
 @pytest.mark.parametrize("name", list(ALL_AUX))
 def test_aux_grads_missing_or_mismatched(name):
   rng = np.random.default_rng(12)
-  g = random_tree(rng)
+  g = random_tree(rng, SHAPES)
   tx = ALL_AUX[name](0.5)
   state = tx.init(g)
   with pytest.raises(ValueError, match="aux_grads"):
