@@ -19,7 +19,10 @@ from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "ambient_spec",
+    "box_names",
+    "box_value",
     "explicit_mesh",
+    "is_box",
     "mesh_axis_names",
     "named_sharding",
     "padded_spec",
@@ -133,3 +136,33 @@ def rows_unsharded(w: jax.Array) -> jax.Array:
   if spec is None or spec[-2] is None:
     return w
   return jax.sharding.reshard(w, P(*spec[:-2], None, spec[-1]))
+
+
+# ---------------------------------------------------------------------------
+# Flax boxes (parameters carrying their logical axis names).
+# ---------------------------------------------------------------------------
+
+
+def is_box(x: Any) -> bool:
+  """A flax box: linen ``nn.Partitioned``/``nn.LogicallyPartitioned`` or an nnx variable."""
+  from flax import nnx
+  from flax.core import meta
+
+  return isinstance(x, (meta.Partitioned, nnx.Variable))
+
+
+def box_names(x: Any) -> tuple | None:
+  """The logical axis names of a flax box (None: an nnx variable without them)."""
+  from flax import nnx
+
+  if isinstance(x, nnx.Variable):
+    names = x.get_metadata().get("out_sharding")
+    return None if names is None else tuple(names)
+  return tuple(x.names)
+
+
+def box_value(x: Any) -> Any:
+  """The array inside a flax box."""
+  from flax import nnx
+
+  return x.get_value() if isinstance(x, nnx.Variable) else x.value

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optimizers._checks import check_int
 from optimizers._trees import tree_l2_norm, tree_upcast, tree_vdot
 
 __all__ = ["hessian_vector_product", "directional_sharpness", "hessian_top_eigenvalue"]
@@ -143,8 +144,7 @@ def hessian_top_eigenvalue(
     Yao et al., `PyHessian: Neural Networks Through the Lens of the Hessian
     <https://arxiv.org/abs/1912.07145>`_, 2020.
   """
-  if not isinstance(num_iters, int) or num_iters < 1:
-    raise ValueError(f"num_iters must be a positive int, got num_iters={num_iters!r}.")
+  check_int("num_iters", num_iters)
   if key is None or isinstance(key, int):
     key = jax.random.PRNGKey(0 if key is None else key)
   params = tree_upcast(params)

@@ -10,7 +10,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optimizers._sharding import mesh_axis_names, spec_of
+from optimizers._sharding import box_names, box_value, is_box, mesh_axis_names, spec_of
 
 __all__ = ["subspace_partition_specs", "logical_partition_specs"]
 
@@ -63,29 +63,6 @@ def subspace_partition_specs(
   return jax.tree.map(lambda x: P(*spec_of(x)) if x.sharding is not None else P(), state)
 
 
-def _is_box(x: Any) -> bool:
-  """A flax box: linen ``nn.Partitioned``/``nn.LogicallyPartitioned`` or an nnx variable."""
-  from flax import nnx
-  from flax.core import meta
-
-  return isinstance(x, (meta.Partitioned, nnx.Variable))
-
-
-def _box_names(x: Any) -> tuple | None:
-  from flax import nnx
-
-  if isinstance(x, nnx.Variable):
-    names = x.get_metadata().get("out_sharding")
-    return None if names is None else tuple(names)
-  return tuple(x.names)
-
-
-def _box_value(x: Any) -> Any:
-  from flax import nnx
-
-  return x.get_value() if isinstance(x, nnx.Variable) else x.value
-
-
 def logical_partition_specs(
     optimizer: optax.GradientTransformation, params: Any, param_axes: Any = None
 ) -> Any:
@@ -135,9 +112,9 @@ def logical_partition_specs(
     (P('mlp', None), P(None,))
   """
   if param_axes is None:
-    param_axes = jax.tree.map(lambda b: _box_names(b) if _is_box(b) else None, params,
-                              is_leaf=_is_box)
-  params = jax.tree.map(lambda b: _box_value(b) if _is_box(b) else b, params, is_leaf=_is_box)
+    param_axes = jax.tree.map(lambda b: box_names(b) if is_box(b) else None, params,
+                              is_leaf=is_box)
+  params = jax.tree.map(lambda b: box_value(b) if is_box(b) else b, params, is_leaf=is_box)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
   try:
     flat_axes = jax.tree.structure(params).flatten_up_to(param_axes)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from optimizers._checks import check_choice, check_positive, check_real_floating
-from optimizers._sharding import explicit_mesh, reshard, reshard_like, spec_of, unshard_axes
+from optimizers._sharding import explicit_mesh, is_box, reshard, reshard_like, spec_of, unshard_axes
 from optimizers._trees import upcast
 from optimizers.matrices import (
   WeightDimensionNumbers,
@@ -151,14 +151,6 @@ def _transform_moments(inner, inner_state, treedef, plans, rotations):
     return reshard_like((x.astype(jnp.float32) @ rot).astype(x.dtype), x)
 
   return jax.tree_util.tree_map_with_path(apply, inner_state, owner)
-
-
-def _is_box(x: Any) -> bool:
-  """A flax box: linen ``nn.Partitioned`` / ``nn.LogicallyPartitioned`` or an nnx variable."""
-  from flax import nnx
-  from flax.core import meta
-
-  return isinstance(x, (meta.Partitioned, nnx.Variable))
 
 
 def _dummy_state(projector: Projector) -> Any:
@@ -346,9 +338,9 @@ def subspace(
     # Boxed params (flax linen nn.Partitioned / nnx variables) carry axis names for the
     # parameter's shape: full-size state keeps its parameter's box, projected state
     # (other shapes) and projector state are unboxed (see logical_partition_specs).
-    outer, outer_def = jax.tree.flatten(params, is_leaf=_is_box)
+    outer, outer_def = jax.tree.flatten(params, is_leaf=is_box)
     if len(outer) == len(leaves):
-      lows = [jax.tree.unflatten(jax.tree.structure(o), [low]) if plan is None and _is_box(o)
+      lows = [jax.tree.unflatten(jax.tree.structure(o), [low]) if plan is None and is_box(o)
               else low for o, low, plan in zip(outer, lows, plans, strict=True)]
       treedef = outer_def
     return SubspaceState(count, inner.init(treedef.unflatten(lows)), _stacked(pstates, treedef))
