@@ -6,7 +6,7 @@ perpendicular gradient.
 """
 
 from optimizers import directional_sharpness, hessian_top_eigenvalue
-from regularizers.bloop import BloopState, bloop
+from regularizers.bloop import BloopState, PCGradEmaState, bloop
 from regularizers.perp_grad import PerpGradState, perp_grad
 from regularizers.saf import MESA, SAF, MESAState, SAFState, distillation_kl, mesa, saf
 from regularizers.sharpness import SAMState, m_sharpness_gradient, sam, sam_perturbation

@@ -19,7 +19,15 @@ import jax.numpy as jnp
 import optax
 
 from optimizers._checks import check_real_floating, check_tree_match
-from optimizers._trees import max_scaled, nonzero, tree_upcast, tree_vdot, upcast, vdot
+from optimizers._trees import (
+    max_scaled,
+    nonzero,
+    tree_l2_norm,
+    tree_upcast,
+    tree_vdot,
+    upcast,
+    vdot,
+)
 
 __all__ = ["PerpGradState", "perp_grad"]
 
@@ -36,12 +44,14 @@ class PerpGradState(NamedTuple):
   radial_fraction: jax.Array
 
 
-def perp_grad() -> optax.GradientTransformationExtraArgs:
+def perp_grad(*, rescale: bool = False) -> optax.GradientTransformationExtraArgs:
   r"""The perpendicular gradient: per leaf, the gradient minus its component along the weights.
 
   .. math::
     g_\perp = g - \frac{\langle g, w \rangle}{\|w\|^2}\, w
     \qquad \text{(per parameter tensor)},
+    \qquad \text{with } \texttt{rescale}: \;
+    g_\perp \frac{\|g\|}{\|g_\perp\|},
 
   so the step cannot grow or shrink the weights to first order, which blocks the
   naive logit-scaling direction that drives softmax collapse and speeds up
@@ -49,8 +59,20 @@ def perp_grad() -> optax.GradientTransformationExtraArgs:
   unchanged. Computed in float32; the updates keep their dtype. The state holds
   the fraction of the gradient removed (:class:`PerpGradState`).
 
+  The paper's equation is the projection alone (``rescale=False``, the default);
+  the authors' released OrthoGrad code also rescales each tensor's projected
+  gradient back to the norm of its original gradient (``rescale=True``), so
+  that a gradient mostly along ``w`` does not give a tiny step (at cosine 0.995
+  with ``w`` only a tenth of its norm is left without the rescale). With an adaptive
+  optimizer after it (Adam) the difference is small; with SGD it sets the step
+  size. Where ``g_perp`` is zero (a zero gradient, or one exactly along ``w``)
+  the rescaled output is zero, never NaN; where it is tiny (``g`` within rounding
+  of ``w``'s direction) the rescale amplifies that rounding to ``||g||``, as the
+  reference code does.
+
   Args:
-    (none)
+    rescale: rescale each leaf's projected gradient to the norm of its original
+      gradient (the authors' OrthoGrad code).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
@@ -68,6 +90,8 @@ def perp_grad() -> optax.GradientTransformationExtraArgs:
     Prieto, Barsbey, Mediano, Birdal, `Grokking at the Edge of Numerical
     Stability <https://arxiv.org/abs/2501.04697>`_, ICLR 2025.
   """
+  if not isinstance(rescale, bool):
+    raise ValueError(f"rescale must be a bool, got rescale={rescale!r}.")
 
   def init_fn(params: optax.Params) -> PerpGradState:
     del params
@@ -93,8 +117,11 @@ def perp_grad() -> optax.GradientTransformationExtraArgs:
     w_hat = jax.tree.structure(params).unflatten([w for _, w in w_units])
     gw = jax.tree.map(vdot, g_hat, w_hat)
     coefs = jax.tree.map(lambda x, ww: x / nonzero(ww), gw, jax.tree.map(vdot, w_hat, w_hat))
-    direction = jax.tree.map(
-        lambda u, x, y, c: (x - (c * s_g) * y).astype(u.dtype), updates, g, w_hat, coefs)
+    perp = jax.tree.map(lambda x, y, c: x - (c * s_g) * y, g, w_hat, coefs)
+    if rescale:  # ||g_l|| / ||g_perp_l||, each norm overflow/underflow-safe; 0 / 0 -> 0
+      perp = jax.tree.map(
+          lambda p, x: p * (tree_l2_norm(x) / nonzero(tree_l2_norm(p))), perp, g)
+    direction = jax.tree.map(lambda u, p: p.astype(u.dtype), updates, perp)
     removed = tree_vdot(coefs, gw)  # sum_l <g^_l, w_l>^2 / ||w_l||^2
     radial_fraction = (removed / nonzero(tree_vdot(g_hat, g_hat))).astype(jnp.float32)
     return direction, PerpGradState(radial_fraction=radial_fraction)

@@ -94,16 +94,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optimizers._checks import check_nonnegative, leaf_spec
+from optimizers._checks import check_interval, check_nonnegative, leaf_spec
 from optimizers._trees import nonzero, tree_upcast
 from regularizers._aux import check_aux_grads, combine, cosine, main_aux_dots
-from regularizers.bloop import BloopState, bloop
+from regularizers.bloop import BloopState, PCGradEmaState, bloop, check_ema_init, pcgrad_ema
 from regularizers.perp_grad import PerpGradState, perp_grad
 
 __all__ = [
     "BloopState",
     "DynamicBarrierState",
     "MixedState",
+    "PCGradEmaState",
     "PCGradState",
     "PerpGradState",
     "bloop",
@@ -149,17 +150,24 @@ class DynamicBarrierState(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
+def _check_flag(name: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise ValueError(f"{name} must be a bool, got {name}={value!r}.")
+
+
 def _aux_surgery(
-    name: str, aux_weight: Any, state_cls: type, rule: Callable[..., Any]
+    name: str, aux_weight: Any, state_cls: type, rule: Callable[..., Any], rescale: bool = False
 ) -> optax.GradientTransformationExtraArgs:
   """The stateless surgeries ``d = c_g g + c_a a`` (:func:`mixed`, :func:`pcgrad`,
   :func:`dynamic_barrier`).
 
   ``rule(lam, dots, scales) -> (c_g, c_a, extra)`` gives the two coefficients from
   the global dot products of the max-scaled gradients (see :func:`main_aux_dots`);
-  the state is ``state_cls(main_aux_cosine, *extra)``.
+  the state is ``state_cls(main_aux_cosine, *extra)``; ``rescale`` divides ``d`` by
+  ``1 + lam``.
   """
   check_nonnegative("aux_weight", aux_weight)
+  _check_flag("rescale", rescale)
 
   def init_fn(params: optax.Params) -> Any:
     del params
@@ -177,23 +185,30 @@ def _aux_surgery(
     aux_grads = check_aux_grads(name, updates, aux_grads)
     g, a = tree_upcast(updates), tree_upcast(aux_grads)
     dots, scales = main_aux_dots(g, a)
-    cg, ca, extra = rule(jnp.asarray(aux_weight, jnp.float32), dots, scales)
+    lam = jnp.asarray(aux_weight, jnp.float32)
+    cg, ca, extra = rule(lam, dots, scales)
+    if rescale:
+      cg, ca = cg / (1 + lam), ca / (1 + lam)
     return combine(updates, g, a, cg, ca), state_cls(cosine(*dots), *extra)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def mixed(aux_weight: float | jax.Array) -> optax.GradientTransformationExtraArgs:
+def mixed(
+    aux_weight: float | jax.Array, *, rescale: bool = False
+) -> optax.GradientTransformationExtraArgs:
   r"""The mixed direction ``g + lam a`` (the gradient of ``L_main + lam L_aux``).
 
   .. math::
-    d = g + \lambda a
+    d = g + \lambda a \quad (\text{or } (g + \lambda a) / (1 + \lambda)
+    \text{ with } \texttt{rescale})
 
   The baseline of :func:`bloop`, with the same calling convention; the state
   holds only the cosine of ``g`` and ``a`` (:class:`MixedState`).
 
   Args:
     aux_weight: ``lam >= 0``.
+    rescale: divide by ``1 + lam`` (the reference code's ``rescale``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
@@ -216,10 +231,18 @@ def mixed(aux_weight: float | jax.Array) -> optax.GradientTransformationExtraArg
     del dots, scales
     return jnp.ones_like(lam), lam, ()
 
-  return _aux_surgery("mixed", aux_weight, MixedState, rule)
+  return _aux_surgery("mixed", aux_weight, MixedState, rule, rescale)
 
 
-def pcgrad(aux_weight: float | jax.Array) -> optax.GradientTransformationExtraArgs:
+def pcgrad(
+    aux_weight: float | jax.Array,
+    *,
+    decay: float | jax.Array | None = None,
+    eps: float | jax.Array = 1e-12,
+    ema_init: str = "zeros",
+    seed: int = 0,
+    rescale: bool = False,
+) -> optax.GradientTransformationExtraArgs:
   r"""PCGrad (symmetric form of Yu et al.) for a main and an auxiliary gradient.
 
   .. math::
@@ -234,13 +257,34 @@ def pcgrad(aux_weight: float | jax.Array) -> optax.GradientTransformationExtraAr
   ``g``): PCGrad does not keep the main loss's first-order descent rate, which
   is the point Bloop addresses.
 
+  With ``decay`` (the authors' Bloop code's PCGrad baseline) each gradient is
+  projected off an EMA of the OTHER one, each only on its own conflict, EMAs
+  updated first (``m <- decay m + (1 - decay) x``):
+
+  .. math::
+    d = s\big[(g - \min(r_g, 0)\, m_a) + \lambda (a - \min(r_a, 0)\, m_g)\big],
+    \quad r_g = \frac{\langle g, m_a \rangle}{\|m_a\|^2 + \epsilon},
+    \quad r_a = \frac{\langle a, m_g \rangle}{\|m_g\|^2 + \epsilon};
+
+  ``decay=0`` is the raw-gradient form above (with ``eps``). ``ema_init`` as in
+  :func:`bloop` (``"grad"``: each EMA starts at its own first gradient; the
+  reference starts the auxiliary EMA at the first MAIN gradient, a copy it
+  makes because its initialiser only sees the main gradient).
+
   Args:
     aux_weight: ``lam >= 0``.
+    decay: None (raw gradients, stateless) or the EMAs' decay in ``[0, 1)``
+      (the reference code's ``ema=0.1`` is ``decay=0.9``).
+    eps: ``>= 0``, added to the EMAs' squared norms (``decay`` only).
+    ema_init: ``"zeros"``, ``"grad"`` or ``"random"`` (``decay`` only).
+    seed: seed of the random initialisation.
+    rescale: divide ``d`` by ``1 + lam`` (``s = 1 / (1 + lam)``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
     keyword ``aux_grads``; :class:`PCGradState` (the class :class:`MixedState`)
-    holds the main/aux cosine.
+    holds the main/aux cosine, or :class:`PCGradEmaState` (the two EMAs and the
+    cosine) with ``decay``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -263,10 +307,25 @@ def pcgrad(aux_weight: float | jax.Array) -> optax.GradientTransformationExtraAr
     g_in_a = jnp.where(conflict, ga / nonzero(gg) * (s_a / s_g), zero)
     return 1 - lam * g_in_a, lam - a_in_g, ()
 
-  return _aux_surgery("pcgrad", aux_weight, PCGradState, rule)
+  if decay is not None:
+    check_nonnegative("aux_weight", aux_weight)
+    check_interval("decay", decay, 0, 1)
+    check_nonnegative("eps", eps)
+    check_ema_init(ema_init, seed)
+    _check_flag("rescale", rescale)
+    return pcgrad_ema(aux_weight, decay, eps, ema_init, seed, rescale)
+  return _aux_surgery("pcgrad", aux_weight, PCGradState, rule, rescale)
 
 
-def dynamic_barrier(aux_weight: float | jax.Array) -> optax.GradientTransformationExtraArgs:
+def dynamic_barrier(
+    aux_weight: float | jax.Array,
+    *,
+    decay: float | jax.Array | None = None,
+    eps: float | jax.Array = 1e-12,
+    ema_init: str = "zeros",
+    seed: int = 0,
+    rescale: bool = False,
+) -> optax.GradientTransformationExtraArgs:
   r"""The dynamic-barrier direction: the main gradient reweighted to keep descending.
 
   .. math::
@@ -277,13 +336,26 @@ def dynamic_barrier(aux_weight: float | jax.Array) -> optax.GradientTransformati
   ``lam a`` with ``<d, g> >= ||g||^2`` (the main loss decreases at least at the
   rate of plain gradient descent, to first order). A zero ``g`` gives ``mu = 1``.
 
+  With ``decay`` (the authors' Bloop code's barrier) the constraint is taken
+  against an EMA ``m`` of the main gradients, updated first:
+  ``d = s [g + lam (a - min(r, 1/lam) m)]``, ``r = <a, m>/(||m||^2 + eps)``,
+  which is ``bloop(lam, decay=decay, ema_order="after", barrier=True)``
+  (``decay=0`` gives the raw form above); the state is then a
+  :class:`BloopState`.
+
   Args:
     aux_weight: ``lam >= 0``.
+    decay: None (raw gradients, stateless) or the EMA's decay in ``[0, 1)``.
+    eps: ``>= 0``, added to ``||m||^2`` (``decay`` only).
+    ema_init: ``"zeros"``, ``"grad"`` or ``"random"`` (``decay`` only; see
+      :func:`bloop`).
+    seed: seed of the random initialisation.
+    rescale: divide ``d`` by ``1 + lam``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires the
     keyword ``aux_grads``; :class:`DynamicBarrierState` holds the main/aux
-    cosine and ``mu``.
+    cosine and ``mu`` (a :class:`BloopState` with ``decay``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -305,7 +377,10 @@ def dynamic_barrier(aux_weight: float | jax.Array) -> optax.GradientTransformati
     mu = jnp.maximum(1 - lam * (ga / nonzero(gg) * (s_a / s_g)), 0)
     return mu, lam * jnp.ones_like(mu), (mu.astype(jnp.float32),)
 
-  return _aux_surgery("dynamic_barrier", aux_weight, DynamicBarrierState, rule)
+  if decay is not None:
+    return bloop(aux_weight, decay=decay, eps=eps, ema_order="after", ema_init=ema_init,
+                 seed=seed, rescale=rescale, barrier=True)
+  return _aux_surgery("dynamic_barrier", aux_weight, DynamicBarrierState, rule, rescale)
 
 
 # ---------------------------------------------------------------------------

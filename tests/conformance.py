@@ -130,6 +130,12 @@ REGISTRY: list[Case] = [
 # ---------------------------------------------------------------------------
 
 
+    Case("bloop_reference_options", regularizers.bloop,
+         {"aux_weight": 0.5, "decay": 0.9, "eps": 1e-7, "ema_order": "after",
+          "ema_init": "grad", "rescale": True, "ratio_only": True}),
+    Case("pcgrad_ema", regularizers.pcgrad,
+         {"aux_weight": 0.5, "decay": 0.9, "ema_init": "random"}),
+    Case("perp_grad_rescale", regularizers.perp_grad, {"rescale": True}),
 import chex  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -114,6 +114,12 @@ BAD_HYPERPARAMETERS = [
     (optimizers.scale_by_sven, {"rank": 2, "rms_decay": 1.0}, ValueError, "rms_decay"),
     (optimizers.sven, {"learning_rate": 0.1, "rank": 2, "oversampling": -1}, ValueError,
      "oversampling"),
+    # clipped Adam
+    (optimizers.clipped_adamw, {"learning_rate": 1e-3, "clip_fraction": 1.0}, ValueError,
+     "clip_fraction"),
+    (optimizers.clipped_adamw, {"learning_rate": 1e-3, "clip_fraction": 0.1,
+                                "weight_decay": -1.0}, ValueError, "weight_decay"),
+    (optimizers.scale_by_clipped_adam, {"clip_fraction": 0.1, "b2": 1.0}, ValueError, "b2"),
     # sam
     (regularizers.sam, {"rho": -0.1}, ValueError, "rho"),
     (regularizers.sam, {"rho": INF}, ValueError, "rho"),
@@ -131,6 +137,12 @@ BAD_HYPERPARAMETERS = [
     (regularizers.mixed, {"aux_weight": NAN}, ValueError, "aux_weight"),
     (regularizers.pcgrad, {"aux_weight": -1.0}, ValueError, "aux_weight"),
     (regularizers.dynamic_barrier, {"aux_weight": INF}, ValueError, "aux_weight"),
+    (regularizers.bloop, {"aux_weight": 0.1, "ema_init": "ones"}, ValueError, "ema_init"),
+    (regularizers.bloop, {"aux_weight": 0.1, "rescale": "yes"}, ValueError, "rescale"),
+    (regularizers.pcgrad, {"aux_weight": 0.1, "decay": 1.0}, ValueError, "decay"),
+    (regularizers.dynamic_barrier, {"aux_weight": 0.1, "decay": 0.9, "ema_init": "x"},
+     ValueError, "ema_init"),
+    (regularizers.perp_grad, {"rescale": 1}, ValueError, "rescale"),
     # loss-side regularisers
     (regularizers.saf, {"num_examples": 0, "num_classes": 3}, ValueError, "num_examples"),
     (regularizers.saf, {"num_examples": 4, "num_classes": 3, "lag": 0}, ValueError, "lag"),
