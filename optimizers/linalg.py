@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from optimizers._checks import check_positive
+from optimizers._checks import check_int, check_positive
 from optimizers._sharding import ambient_spec, restore_spec, rows_unsharded
 from optimizers._trees import compute_dtype
 
@@ -175,8 +175,7 @@ def _inverse_sqrt(
   step skips the update of ``Y``: ``3 steps - 3`` products in all with
   ``b_squared``, ``3 steps - 2`` without.
   """
-  if not isinstance(steps, int) or steps < 1:
-    raise ValueError(f"ns_steps must be a Python int >= 1, got {steps!r}")
+  check_int("ns_steps", steps)
   upper = jnp.maximum(upper, jnp.finfo(b.dtype).tiny)
   eye = _eye_like(b)
   lo = jnp.clip(lower / upper, 0.0, 1.0)

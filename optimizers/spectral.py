@@ -33,7 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optimizers._checks import check_nonnegative, check_positive, check_real_floating
+from optimizers._checks import (
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_positive,
+    check_real_floating,
+)
 from optimizers._moments import scale_by_adam
 from optimizers._trees import tree_l2_norm
 from optimizers.distributed import STRATEGIES, map_matrix_leaves
@@ -163,11 +169,9 @@ def spectral_clip(
     Jiang, Semenov, Stich, "SPECTRA: spectral clipping", https://arxiv.org/abs/2603.14315
   """
   check_positive("max_singular_value", max_singular_value)
-  if mode not in _MODES:
-    raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+  check_choice("mode", mode, _MODES)
   ns_steps = _check_steps(ns_steps, sign_steps)
-  if sharding_strategy not in STRATEGIES:
-    raise ValueError(f"sharding_strategy must be one of {STRATEGIES}, got {sharding_strategy!r}")
+  check_choice("sharding_strategy", sharding_strategy, STRATEGIES)
 
   def clip(x: jax.Array, c: jax.Array) -> jax.Array:
     if mode == "soft":
@@ -295,8 +299,8 @@ def spectra_threshold_schedule(
     >>> [round(float(c_t(k)), 3) for k in (1, 5, 10, 20)]
     [50.0, 10.0, 5.0, 5.0]
   """
-  if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
-    raise ValueError(f"warmup_steps must be a Python int >= 0 or None, got {warmup_steps!r}")
+  if warmup_steps is not None:
+    check_int("warmup_steps", warmup_steps, minimum=0)
   horizon = _WARMUP_HORIZON if warmup_steps is None else warmup_steps
   with jax.ensure_compile_time_eval():
     lrs = np.asarray(jax.vmap(learning_rate)(jnp.arange(horizon + 1, dtype=jnp.int32)))
@@ -410,14 +414,13 @@ def spectra_adamw(
   check_nonnegative("weight_decay", weight_decay)
   if pre_clip is not None:
     check_positive("pre_clip", pre_clip)
-  if mode not in _MODES:
-    raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+  check_choice("mode", mode, _MODES)
   _check_steps(ns_steps, sign_steps)
   if callable(learning_rate) and not callable(max_singular_value):
     threshold = spectra_threshold_schedule(max_singular_value, learning_rate, warmup_steps)
   else:
-    if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
-      raise ValueError(f"warmup_steps must be a Python int >= 0 or None, got {warmup_steps!r}")
+    if warmup_steps is not None:
+      check_int("warmup_steps", warmup_steps, minimum=0)
     threshold = max_singular_value
   clip_kw = dict(mode=mode, ns_steps=ns_steps, sign_steps=sign_steps,
                  weight_dimension_numbers=weight_dimension_numbers, param_specs=param_specs,
