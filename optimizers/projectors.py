@@ -35,6 +35,7 @@ from optimizers._checks import (
   check_int,
   check_nonnegative,
   check_period,
+  check_positive,
 )
 from optimizers._sharding import reshard_like, sharded_matmul, unshard_axes
 from optimizers.dct import DCT_METHODS, dct_rows, dct_transform, top_columns
@@ -382,8 +383,7 @@ def online_pca_projector(
   initial_basis = init  # (`init` is the projector's init function below)
   if schedule is not None and schedule_reference is None:
     schedule_reference = schedule_peak(schedule)
-  if isinstance(schedule_reference, (int, float)) and not schedule_reference > 0:
-    raise ValueError(f"schedule_reference must be > 0, got {schedule_reference!r}")
+  check_positive("schedule_reference", schedule_reference)
   basis_optimizer = optax.chain(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.add_decayed_weights(weight_decay)
   )
