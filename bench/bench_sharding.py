@@ -56,10 +56,11 @@ from bench.common import command_line, print_table, results_dir, write_results
 from bench.hlo import compile_figures
 
 FULL_MODEL = pretrain.GPTConfig(d_model=256, num_layers=4, num_heads=4, d_ff=1024, seq_len=64)
-QUICK_MODEL = pretrain.GPTConfig(d_model=32, num_layers=8, num_heads=2, d_ff=64, seq_len=8)
+QUICK_MODEL = pretrain.GPTConfig(d_model=16, num_layers=8, num_heads=2, d_ff=32, seq_len=8)
 FULL_BATCH, QUICK_BATCH = 16, 8
 MESHES = ((8, 1), (4, 2), (1, 8))
-QUICK_METHODS = ("adamw", "adamw+clip", "spectra_adamw", "dct_adamw")
+QUICK_METHODS = ("adamw", "adamw+clip", "spectra_adamw")
+QUICK_STEP_METHODS = ("adamw", "spectra_adamw")  # the train step is compiled for these only
 RANK_FRACTION = 4  # rank = d_model / 4, as in the registry's defaults
 # Targets of the compiled programs (one update unless said otherwise).
 TARGET_MATRIX_BYTES_RATIO = 2.5  # collective bytes / per-device matrix-leaf bytes
@@ -140,8 +141,8 @@ def _shardings(s: Setup, tx: optax.GradientTransformation):
   return p_shard, s_shard, state
 
 
-def measure(s: Setup, method: methods_lib.Method) -> dict[str, Any]:
-  """Compiled figures of one update and of one train step of ``method`` on ``s``."""
+def measure(s: Setup, method: methods_lib.Method, step: bool = True) -> dict[str, Any]:
+  """Compiled figures of one update and (``step``) of one train step of ``method`` on ``s``."""
   tx = method.build(method.lr)
   p_shard, s_shard, state = _shardings(s, tx)
   t_shard = s.tokens.sharding
@@ -163,11 +164,12 @@ def measure(s: Setup, method: methods_lib.Method) -> dict[str, Any]:
       update, s.params, state, s.params, s.tokens,
       in_shardings=(p_shard, s_shard, p_shard, t_shard), out_shardings=(p_shard, s_shard),
       donate_argnums=(0, 1))
-  out["step"] = compile_figures(
-      train_step, s.params, state, s.tokens,
-      in_shardings=(p_shard, s_shard, t_shard), out_shardings=(p_shard, s_shard, None),
-      donate_argnums=(0, 1))
-  for part in ("update", "step"):
+  if step:
+    out["step"] = compile_figures(
+        train_step, s.params, state, s.tokens,
+        in_shardings=(p_shard, s_shard, t_shard), out_shardings=(p_shard, s_shard, None),
+        donate_argnums=(0, 1))
+  for part in out:
     c = out[part]["collectives"]
     out[part]["bytes_over_param_bytes"] = c["bytes"] / s.param_bytes
     out[part]["bytes_over_matrix_bytes"] = c["bytes"] / s.matrix_bytes
@@ -182,6 +184,8 @@ def _with_ratios(rows: dict[str, dict], anchor: str = "adamw") -> None:
   for part in ("update", "step"):
     ref = rows[anchor][part]
     for r in rows.values():
+      if part not in r:
+        continue
       f = r[part]
       f["vs_adamw"] = {
           "collective_bytes": _ratio(f["collectives"]["bytes"], ref["collectives"]["bytes"]),
@@ -196,7 +200,8 @@ def _kinds(c: dict) -> str:
   return " ".join(f"{k}:{v['count']}" for k, v in c["by_kind"].items()) or "none"
 
 
-def section_methods(quick: bool) -> list[dict[str, Any]]:
+def section_methods(quick: bool, only: dict | None = None) -> list[dict[str, Any]]:
+  """``only``: ``{(mesh, scan): names}`` restricts a full run (e.g. on a shared machine)."""
   model = QUICK_MODEL if quick else FULL_MODEL
   batch = QUICK_BATCH if quick else FULL_BATCH
   rank = model.d_model // RANK_FRACTION
@@ -207,10 +212,12 @@ def section_methods(quick: bool) -> list[dict[str, Any]]:
       s = setup(cfg, mesh_shape, batch)
       all_methods = methods(rank, s.p_specs)
       names = QUICK_METHODS if quick else tuple(all_methods)
+      if only is not None:
+        names = tuple(n for n in names if n in only.get((mesh_shape, scan), names))
       rows = {}
       for name in names:
         t0 = time.perf_counter()
-        rows[name] = measure(s, all_methods[name])
+        rows[name] = measure(s, all_methods[name], step=not quick or name in QUICK_STEP_METHODS)
         kinds = _kinds(rows[name]["update"]["collectives"])
         print(f"  mesh {mesh_shape} scan={scan} {name}: {kinds}"
               f" ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -222,7 +229,7 @@ def section_methods(quick: bool) -> list[dict[str, Any]]:
           "bytes/param": r["update"]["bytes_over_param_bytes"],
           "bytes/matrix": r["update"]["bytes_over_matrix_bytes"],
           "flops vs adamw": r["update"]["vs_adamw"]["flops"],
-          "step bytes vs adamw": r["step"]["vs_adamw"]["collective_bytes"],
+          "step bytes vs adamw": r["step"]["vs_adamw"]["collective_bytes"] if "step" in r else "-",
       } for n, r in rows.items()], title=f"one update, mesh {mesh_shape}, scan={scan}")
   return configs
 
@@ -301,7 +308,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         other = c["count"] - c["by_kind"].get("all-reduce", {}).get("count", 0)
         out["elementwise_max_scalar_reduces"].setdefault(name, {})[key] = {
             "count": c["count"], "non_all_reduce": other, "bytes": c["bytes"]}
-      if cfg["mesh"] == [4, 2]:
+      if cfg["mesh"] == [4, 2] and "step" in r:
         out["step_bytes_vs_adamw_at_4x2"].setdefault(name, {})[key] = (
             r["step"]["vs_adamw"]["collective_bytes"])
   out["matrix_bytes_target_met"] = all(
@@ -311,6 +318,33 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
   out["flops_ratio"] = {f"{r['layers']} layers, mesh {r['mesh'][0]},{r['mesh'][1]}":
                         r["ratio_to_ideal"] for r in results["flops_scaling"]}
   return out
+
+
+def readme_table(results: dict[str, Any]) -> str:
+  """The README's table: one update per method and mesh, collective bytes over the
+  per-device bytes of the matrix leaves (scanned / unscanned layers), and the train
+  step's collective bytes and the update's flops as ratios to adamw's."""
+  cells: dict[str, dict[str, str]] = {}
+  meshes = []
+  for cfg in results["methods"]:
+    mesh = f"{cfg['mesh'][0]},{cfg['mesh'][1]}"
+    if mesh not in meshes:
+      meshes.append(mesh)
+    for name, r in cfg["methods"].items():
+      row = cells.setdefault(name, {})
+      key = f"{mesh} {'scan' if cfg['scan_layers'] else 'list'}"
+      row[key] = f"{r['update']['bytes_over_matrix_bytes']:.2f}"
+      if cfg["scan_layers"] and mesh == "4,2" and "step" in r:
+        row["step"] = f"{r['step']['vs_adamw']['collective_bytes']:.2f}"
+        row["kinds"] = _kinds(r["update"]["collectives"])
+  head = ["method", *(f"{m} scan / list" for m in meshes), "update collectives (4,2 scan)",
+          "train step bytes vs adamw (4,2 scan)"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, row in cells.items():
+    per_mesh = [f"{row.get(m + ' scan', '-')} / {row.get(m + ' list', '-')}" for m in meshes]
+    lines.append("| " + " | ".join([name, *per_mesh, row.get("kinds", "-"),
+                                    row.get("step", "-")]) + " |")
+  return "\n".join(lines)
 
 
 def check_quick(results: dict[str, Any]) -> None:
@@ -325,9 +359,11 @@ def check_quick(results: dict[str, Any]) -> None:
   assert results["ns_steps"]["collectives_invariant"], results["ns_steps"]
   for r in results["flops_scaling"]:
     assert r["ratio_to_ideal"] <= TARGET_FLOPS_RATIO, r
-  for part in ("update", "step"):
-    for r in rows.values():
-      assert r[part]["flops"] > 0 and r[part]["argument_bytes"] > 0, r[part]
+  for r in rows.values():
+    for part in r.values():
+      assert part["flops"] > 0 and part["argument_bytes"] > 0, part
+  step = rows["spectra_adamw"]["step"]["vs_adamw"]["collective_bytes"]
+  assert step <= TARGET_STEP_BYTES_RATIO, step
 
 
 def _run_on_eight_devices(quick: bool) -> dict:
@@ -339,7 +375,7 @@ def _run_on_eight_devices(quick: bool) -> dict:
   return json.loads((results_dir() / "sharding.json").read_text())
 
 
-def main(quick: bool = False) -> dict:
+def main(quick: bool = False, only: dict | None = None) -> dict:
   t0 = time.perf_counter()
   results: dict[str, Any] = {"config": {
       "quick": quick, "model": dataclasses.asdict(QUICK_MODEL if quick else FULL_MODEL),
@@ -348,7 +384,10 @@ def main(quick: bool = False) -> dict:
   }}
   if jax.device_count() != 8:  # e.g. `python -m bench` on one CPU device: run in 8
     return _run_on_eight_devices(quick)
-  results["methods"] = section_methods(quick)
+  results["methods"] = section_methods(quick, only)
+  if only is not None:
+    results["config"]["methods_run"] = {f"{m[0]},{m[1]} scan={s}": list(v)
+                                        for (m, s), v in only.items()}
   results["ns_steps"] = section_ns_steps(quick)
   results["flops_scaling"] = section_flops_scaling(quick)
   results["summary"] = summary(results)

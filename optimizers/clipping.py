@@ -14,7 +14,9 @@ feeds both of Adam's moments (``optax.chain(clip_coordinatewise(0.1),
 optax.adam(1e-3))``); clipping only the first moment's input is done by
 ``optax.chain``-ing inside a custom ``scale_by_adam`` and is not provided here.
 
-Two ways to find ``tau`` (:func:`coordinatewise_threshold`):
+Two ways to find ``tau`` (:func:`coordinatewise_threshold`; the default
+``method="auto"`` takes ``"bisect"`` when some leaf lives on a multi-device mesh,
+sharded or possibly sharded, and ``"exact"`` otherwise: the same ``tau``):
 
 * ``method="exact"`` concatenates the magnitudes of all leaves into one vector
   and sorts it: ``O(N log N)`` time, a float32 copy of the whole tree plus the
@@ -62,14 +64,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from optimizers._checks import check_real_floating, concrete_hyperparameter, is_static_number
 
 __all__ = ["ClipCoordinatewiseState", "clip_coordinatewise", "coordinatewise_threshold"]
 
-_METHODS = ("exact", "bisect")
+_METHODS = ("auto", "exact", "bisect")
 _HALF = 1 << 16  # counts are kept as (high, low) int32 halves in base 2^16
 
 
@@ -257,6 +259,26 @@ def _bisect_threshold(
   return jax.lax.bitcast_convert_type(lo, dtype) / scale
 
 
+def _any_sharded(leaves: list[jax.Array]) -> bool:
+  """Whether some leaf lives on a multi-device mesh with a sharded axis (Explicit axes)
+  or a possibly sharded one (Auto axes: the type carries the mesh, not the spec).
+  Manual axes (inside ``shard_map``) hold local blocks: not sharded."""
+  meshes = [getattr(jax.typeof(x).sharding, "mesh", None) for x in leaves]
+  meshes.append(jax.sharding.get_abstract_mesh())
+  for x, mesh in zip([*leaves, None], meshes, strict=True):
+    if mesh is None or mesh.empty:
+      continue
+    for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types, strict=True):
+      if size == 1 or kind == AxisType.Manual:
+        continue
+      if kind == AxisType.Auto:
+        return True
+      spec = () if x is None else tuple(getattr(jax.typeof(x).sharding, "spec", ()) or ())
+      if any(name in ((e,) if isinstance(e, str) else tuple(e or ())) for e in spec):
+        return True
+  return False
+
+
 def _check_method(method: str, bisect_steps: int | None) -> None:
   if method not in _METHODS:
     raise ValueError(f"method must be one of {_METHODS}, got method={method!r}.")
@@ -274,7 +296,7 @@ def coordinatewise_threshold(
     updates: optax.Updates,
     fraction: float | jax.Array,
     *,
-    method: str = "exact",
+    method: str = "auto",
     bisect_steps: int | None = None,
 ) -> jax.Array:
   r"""The global adaptive threshold ``tau`` of :func:`clip_coordinatewise`.
@@ -290,8 +312,9 @@ def coordinatewise_threshold(
     updates: a pytree of arrays (``None`` and ``optax.MaskedNode`` leaves are
       ignored).
     fraction: ``k`` in ``[0, 1)``; a Python float or a traced scalar.
-    method: ``"exact"`` (concatenate and sort) or ``"bisect"`` (per-leaf counts,
-      no concatenation).
+    method: ``"exact"`` (concatenate and sort), ``"bisect"`` (per-leaf counts,
+      no concatenation) or ``"auto"`` (``"bisect"`` when some leaf is sharded,
+      see :func:`clip_coordinatewise`).
     bisect_steps: bisection steps for ``"bisect"``; ``None`` (default) runs
       enough steps (31 in float32) for the exact value.
 
@@ -313,6 +336,8 @@ def coordinatewise_threshold(
   if n == 0:
     return jnp.zeros([], dtype)
   k = _rank(n, fraction)
+  if method == "auto":
+    method = "bisect" if _any_sharded(leaves) else "exact"
   if method == "exact":
     return _exact_threshold(leaves, k, dtype)
   return _bisect_threshold(leaves, k, dtype, bisect_steps)
@@ -323,7 +348,7 @@ def clip_coordinatewise(
     *,
     threshold: float | jax.Array | None = None,
     scale: float | jax.Array = 1.0,
-    method: str = "exact",
+    method: str = "auto",
     bisect_steps: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips the largest coordinates of the gradient to a global threshold.
@@ -347,8 +372,12 @@ def clip_coordinatewise(
       is clipped).
     scale: clipped coordinates become ``sign(g) * tau * scale``; finite, ``> 0``.
     method: how the adaptive ``tau`` is found: ``"exact"`` (concatenate and sort,
-      ``O(N log N)`` and a copy of the tree) or ``"bisect"`` (per-leaf
-      reductions, no concatenation; for large or sharded trees).
+      ``O(N log N)`` and a copy of the tree), ``"bisect"`` (per-leaf
+      reductions, no concatenation; for large or sharded trees) or ``"auto"``
+      (default): ``"bisect"`` when some leaf lives on a multi-device mesh and is
+      sharded (``Explicit`` axes, read from its type) or may be (``Auto`` axes,
+      whose types carry no spec), so a sharded tree is never gathered;
+      ``"exact"`` otherwise. Both give the same ``tau``.
     bisect_steps: bisection steps (``None``: enough for the exact ``tau``).
 
   Returns:

@@ -159,7 +159,7 @@ def _resolve(item: _Item, spec: Any) -> str | None:
   """Fills ``item.mesh`` / ``item.spec``; returns why the owner path cannot run."""
   x = item.x
   mesh = _mesh_of(x)
-  if mesh is None or math.prod(mesh.axis_sizes) == 1:
+  if mesh is None:
     return "local"
   if all(t == AxisType.Explicit for t in mesh.axis_types):
     spec = named_sharding(x).spec  # the type is authoritative
@@ -269,12 +269,13 @@ def owner_computes(
     >>> from jax.sharding import PartitionSpec as P, AxisType
     >>> from optimizers import orthogonalize
     >>> from optimizers.distributed import owner_computes
-    >>> mesh = jax.make_mesh((2,), ("x",), axis_types=(AxisType.Explicit,),
-    ...                      devices=jax.devices()[:2])
-    >>> w = jax.device_put(jnp.arange(32.0).reshape(2, 4, 4), jax.NamedSharding(mesh, P(None, "x")))
-    >>> (out,) = owner_computes(orthogonalize, [w])
-    >>> bool(jnp.allclose(out, orthogonalize(w), atol=1e-6)), out.sharding.spec
-    (True, PartitionSpec(None, 'x'))
+    >>> n = jax.device_count()
+    >>> mesh = jax.make_mesh((n,), ("x",), axis_types=(AxisType.Explicit,))
+    >>> x = jax.random.normal(jax.random.key(0), (n, 4, 4 * n))  # n stacked matrices
+    >>> w = jax.device_put(x, jax.NamedSharding(mesh, P(None, None, "x")))  # columns sharded
+    >>> (out,) = owner_computes(orthogonalize, [w])  # each device orthogonalises one
+    >>> bool(jnp.allclose(out, orthogonalize(x), atol=1e-5)), out.sharding == w.sharding
+    (True, True)
   """
   _check_strategy(strategy)
   matrices = list(matrices)
