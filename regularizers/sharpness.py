@@ -147,15 +147,19 @@ def _dual_direction(g: Any, g_norm: jax.Array, p: Any) -> Any:
 
 
 def _perturbation(
-    grads: Any, params: Any, rho: Any, adaptive: bool, eta: Any, p: Any
+    grads: Any, params: Any, rho: Any, adaptive: bool, eta: Any, p: Any,
+    norm: Callable[[Any], jax.Array] = _global_l2_norm,
 ) -> tuple[Any, jax.Array]:
-  """Returns ``(e, ||g||_2)``, ``e`` in float32 under stop_gradient."""
+  """Returns ``(e, ||g||_2)``, ``e`` in float32 under stop_gradient. ``norm`` is
+  safe for |g| ~ 1e-30 and ~ 1e30 (both choices); under ``vmap`` (m-sharpness) the
+  ``lax.cond`` of :func:`_global_l2_norm` would run both branches, so the two-pass
+  ``tree_l2_norm`` is used there."""
   g = tree_upcast(grads)
-  g_norm = _global_l2_norm(g)  # safe for |g| ~ 1e-30 and ~ 1e30 (falls back to max-scaling)
+  g_norm = norm(g)
   if adaptive:
     t = jax.tree.map(lambda w: jnp.abs(upcast(w)) + eta, params)
     tg = jax.tree.map(jnp.multiply, t, g)
-    d = _dual_direction(tg, _global_l2_norm(tg), p)
+    d = _dual_direction(tg, norm(tg), p)
     e = jax.tree.map(lambda t_, d_: rho * t_ * d_, t, d)
   else:
     e = jax.tree.map(lambda d_: rho * d_, _dual_direction(g, g_norm, p))
@@ -246,7 +250,8 @@ def sam(
   ``e = 0`` (plain gradient); ``rho = 0`` returns ``grad_fn(params)``. A
   non-finite incoming gradient makes the whole output NaN, so that
   ``optax.apply_if_finite`` skips the step; finite gradients of any magnitude
-  (1e-30 to 1e30) give the same ``e`` (the global norm is computed on the
+  (1e-30 to 1e30) give the same ``e`` (the global norm is one pass of ``sum
+  g^2`` when that is representable in float32, and is otherwise computed on the
   gradient divided by its largest entry). The state holds no parameter-sized
   arrays. ``params`` and ``grad_fn``'s output must match the updates' tree and
   shapes, leaves must be real floating point (``TypeError`` otherwise), and
@@ -451,7 +456,7 @@ def m_sharpness_gradient(
   grad = jax.grad(loss_fn)
 
   def group_sam_grad(group: Any) -> Any:
-    e, _ = _perturbation(grad(params, group), params, rho, adaptive, eta, p)
+    e, _ = _perturbation(grad(params, group), params, rho, adaptive, eta, p, tree_l2_norm)
     return tree_upcast(grad(_perturb(params, e), group))
 
   def one_pass(total: Any, chunk: Any) -> tuple[Any, None]:
