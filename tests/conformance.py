@@ -97,6 +97,15 @@ REGISTRY: list[Case] = [
     Case("dct_adamw", optimizers.dct_adamw, {"learning_rate": 1e-2, "rank": 2}),
     Case("online_subspace_descent", optimizers.online_subspace_descent,
          {"learning_rate": 1e-2, "rank": 3, "weight_decay": 1e-3}),
+    Case("online_subspace_descent_dct_bf16", optimizers.online_subspace_descent,
+         {"learning_rate": 1e-2, "rank": 2, "init": "dct", "update_every": 2,
+          "on_refresh": "rotate", "mu_dtype": "bfloat16", "nu_dtype": "bfloat16"}),
+    Case("dct_adamw_bf16_moments", optimizers.dct_adamw,
+         {"learning_rate": 1e-2, "rank": 2, "mu_dtype": "bfloat16", "nu_dtype": "bfloat16"}),
+    Case("scale_by_trion", optimizers.scale_by_trion, {"rank": 2}),
+    Case("trion", optimizers.trion,
+         {"learning_rate": 2e-2, "rank": 3, "weight_decay": 1e-3, "adam_learning_rate": 3e-3,
+          "update_every": 2}),
     # <<< subspace cases
     # >>> sven cases
     Case("scale_by_sven", optimizers.scale_by_sven, {"rank": 3}, consumes_updates=False),
@@ -121,6 +130,12 @@ REGISTRY: list[Case] = [
     Case("pcgrad", regularizers.pcgrad, {"aux_weight": 0.5}),
     Case("dynamic_barrier", regularizers.dynamic_barrier, {"aux_weight": 0.5}),
     Case("perp_grad", regularizers.perp_grad, {}),
+    Case("bloop_reference_options", regularizers.bloop,
+         {"aux_weight": 0.5, "decay": 0.9, "eps": 1e-7, "ema_order": "after",
+          "ema_init": "grad", "rescale": True, "ratio_only": True}),
+    Case("pcgrad_ema", regularizers.pcgrad,
+         {"aux_weight": 0.5, "decay": 0.9, "ema_init": "random"}),
+    Case("perp_grad_rescale", regularizers.perp_grad, {"rescale": True}),
     # <<< surgery cases
 ]
 
@@ -130,12 +145,6 @@ REGISTRY: list[Case] = [
 # ---------------------------------------------------------------------------
 
 
-    Case("bloop_reference_options", regularizers.bloop,
-         {"aux_weight": 0.5, "decay": 0.9, "eps": 1e-7, "ema_order": "after",
-          "ema_init": "grad", "rescale": True, "ratio_only": True}),
-    Case("pcgrad_ema", regularizers.pcgrad,
-         {"aux_weight": 0.5, "decay": 0.9, "ema_init": "random"}),
-    Case("perp_grad_rescale", regularizers.perp_grad, {"rescale": True}),
 import chex  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -476,7 +485,8 @@ def test_orbax_roundtrip_bit_identical(case, tmp_path):
 
 def _full_optimizers() -> set:
   """Factories of full optimizers (they return ``-lr * direction``)."""
-  names = ("spectra_adamw", "dct_adamw", "online_subspace_descent", "sven", "clipped_adamw")
+  names = ("spectra_adamw", "dct_adamw", "online_subspace_descent", "sven", "clipped_adamw",
+           "trion")
   return {getattr(optimizers, n) for n in names if hasattr(optimizers, n)}
 
 
@@ -637,6 +647,21 @@ def test_boxed_init(case, kind):
   for names, leaf, state_leaf in zip(expected, leaves, jax.tree.leaves(plain), strict=True):
     if names is not None and state_leaf.shape == shape_of[names]:
       assert _box_names(leaf) == names, (names, leaf)
+  if kind == "nnx":  # the functional nnx flow (nnx.split): updates on the boxed tree as it is
+    box = lambda tree: jax.tree.map(lambda b, x: jax.tree.unflatten(jax.tree.structure(b), [x]),
+                                    boxed_params(kind), tree, is_leaf=_is_box)
+    unbox = lambda tree: jax.tree.map(lambda b: _box_value(b) if _is_box(b) else b, tree,
+                                      is_leaf=_is_box)
+
+    def first_update(p, s):
+      extras = {"grad_fn": lambda p: box(grad_fn(unbox(p))),
+                "residual_fn": lambda p: residual_fn(unbox(p)),
+                "aux_grads": box(jax.grad(aux_loss_fn)(unbox(p)))}
+      updates, s = tx.update(box(grad_fn(unbox(p))), s, p, **extras)
+      return unbox(updates), s
+
+    updates, _ = jax.eval_shape(first_update, boxed_params(kind), boxed)
+    assert jax.tree.map(lambda u: u.shape, updates) == jax.tree.map(lambda p: p.shape, abstract)
 
 
 @cases
