@@ -15,6 +15,15 @@ def test_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_ends_with_its_checks(path):
+  """The last code cell asserts what the notebook's conclusions rest on (executed below)."""
+  import nbformat
+
+  code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+  assert code and "assert " in code[-1].source, f"{path.name}: no closing assertion cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, monkeypatch, tmp_path):
   import nbformat
   from nbclient import NotebookClient
