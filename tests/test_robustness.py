@@ -62,8 +62,11 @@ def nan_enters_state(case: Case) -> bool:
   """The transform keeps an EMA of the gradient (Adam or Lion moments, Bloop's EMA, Sven's
   RMS pre-scaling): a NaN that reaches it stays in the state and in every later update."""
   if case.factory in (regularizers.bloop, optimizers.spectra_adamw, optimizers.dct_adamw,
-                      optimizers.online_subspace_descent):
+                      optimizers.online_subspace_descent, optimizers.clipped_adamw,
+                      optimizers.scale_by_clipped_adam):
     return True
+  if case.factory in (regularizers.pcgrad, regularizers.dynamic_barrier):
+    return case.kwargs.get("decay") is not None  # EMAs of the gradients
   if case.factory is optimizers.subspace:
     return _has_moments(case.kwargs["inner"])
   if case.factory in (optimizers.scale_by_sven, optimizers.sven):
@@ -83,8 +86,9 @@ def largest_finite_input(case: Case) -> float:
   if case.factory in (optimizers.scale_by_sven, optimizers.sven):
     return SVEN_HUGE
   state = case.make().init(make_params())
-  adam = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-          if isinstance(s, optax.ScaleByAdamState)]
+  adam_states = (optax.ScaleByAdamState, optimizers.ScaleByClippedAdamState)
+  adam = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, adam_states))
+          if isinstance(s, adam_states)]
   return ADAM_HUGE if adam else HUGE
 
 
@@ -380,6 +384,11 @@ STATE_BYTES = {
     "pcgrad": F32,
     "dynamic_barrier": 2 * F32,
     "perp_grad": F32,
+    "clipped_adamw": 2 * P * F32 + ADAM_COUNT + 2 * F32,
+    "scale_by_clipped_adam_bisect": 2 * P * F32 + ADAM_COUNT + 2 * F32,
+    "bloop_reference_options": P * F32 + 2 * F32,
+    "pcgrad_ema": 2 * P * F32 + F32,
+    "perp_grad_rescale": F32,
 }
 
 
