@@ -13,6 +13,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from _reference import rel_err
 from optimizers import ScaleBySvenState, scale_by_sven, sven, sven_leaf_paths
 
 # "auto" picks "svd" when P <= 2 B, else "gram" (test_auto_picks_svd_...): not repeated here.
@@ -35,10 +36,6 @@ def truncated_pinv_step(m: np.ndarray, r: np.ndarray, rank: int, rtol: float):
   u, s, vt = np.linalg.svd(m, full_matrices=False)
   keep = (np.arange(s.size) < rank) & (s > rtol * s[0]) & (s > 1e-10)
   return vt[keep].T @ ((u[:, keep].T @ r) / s[keep]), s[keep]
-
-
-def rel_err(a, b) -> float:
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 # --------------------------------------------------------------------------------------
