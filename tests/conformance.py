@@ -689,3 +689,31 @@ def test_logical_partition_specs(case):
   for names, x, spec in zip(expected, jax.tree.leaves(state), flat, strict=True):
     if names is not None and x.shape == shape_of[names]:
       assert tuple(spec) == names, (names, spec)
+
+
+def _takes_matrix_view(case) -> bool:
+  import inspect
+
+  return "weight_dimension_numbers" in inspect.signature(case.factory).parameters
+
+
+@pytest.mark.parametrize("case", [c for c in REGISTRY if _takes_matrix_view(c)],
+                         ids=[c.name for c in REGISTRY if _takes_matrix_view(c)])
+def test_matrix_preset_by_name(case):
+  """A preset name as ``weight_dimension_numbers`` gives the program of its resolved tree
+  (same jaxpr for init and update: traced only, nothing compiled)."""
+  from optimizers.matrices import resolve_matrix_dims
+
+  params = make_params()
+  tree = resolve_matrix_dims("transformer", params)
+  assert tree["head"] is None  # the preset keeps the LM head out: not the default view
+  by_name = case.factory(**case.kwargs, weight_dimension_numbers="transformer")
+  by_tree = case.factory(**case.kwargs, weight_dimension_numbers=tree)
+
+  def program(tx):
+    def step(p):
+      return tx.update(grad_fn(p), tx.init(p), p, **harness_extras(p))
+
+    return str(jax.make_jaxpr(step)(params))
+
+  assert program(by_name) == program(by_tree)
