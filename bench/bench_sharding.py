@@ -200,37 +200,42 @@ def _kinds(c: dict) -> str:
   return " ".join(f"{k}:{v['count']}" for k, v in c["by_kind"].items()) or "none"
 
 
-def section_methods(quick: bool, only: dict | None = None) -> list[dict[str, Any]]:
-  """``only``: ``{(mesh, scan): names}`` restricts a full run (e.g. on a shared machine)."""
+def section_methods(quick: bool, only: dict | None = None,
+                    done: Any = None) -> list[dict[str, Any]]:
+  """``only``: ``{(mesh, scan): names}`` restricts a full run (e.g. on a shared machine), in
+  that order; ``done(configs)`` is called after each configuration (partial results)."""
   model = QUICK_MODEL if quick else FULL_MODEL
   batch = QUICK_BATCH if quick else FULL_BATCH
   rank = model.d_model // RANK_FRACTION
   configs = []
-  for mesh_shape in ((4, 2),) if quick else MESHES:
-    for scan in (True,) if quick else (True, False):
-      cfg = dataclasses.replace(model, scan_layers=scan)
-      s = setup(cfg, mesh_shape, batch)
-      all_methods = methods(rank, s.p_specs)
-      names = QUICK_METHODS if quick else tuple(all_methods)
-      if only is not None:
-        names = tuple(n for n in names if n in only.get((mesh_shape, scan), names))
-      rows = {}
-      for name in names:
-        t0 = time.perf_counter()
-        rows[name] = measure(s, all_methods[name], step=not quick or name in QUICK_STEP_METHODS)
-        kinds = _kinds(rows[name]["update"]["collectives"])
-        print(f"  mesh {mesh_shape} scan={scan} {name}: {kinds}"
-              f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-      _with_ratios(rows)
-      configs.append({"mesh": list(mesh_shape), "scan_layers": scan, "param_bytes": s.param_bytes,
-                      "matrix_bytes": s.matrix_bytes, "methods": rows})
-      print_table([{
-          "method": n, "update collectives": _kinds(r["update"]["collectives"]),
-          "bytes/param": r["update"]["bytes_over_param_bytes"],
-          "bytes/matrix": r["update"]["bytes_over_matrix_bytes"],
-          "flops vs adamw": r["update"]["vs_adamw"]["flops"],
-          "step bytes vs adamw": r["step"]["vs_adamw"]["collective_bytes"] if "step" in r else "-",
-      } for n, r in rows.items()], title=f"one update, mesh {mesh_shape}, scan={scan}")
+  meshes = ((4, 2),) if quick else MESHES
+  order = [(m, sc) for m in meshes for sc in ((True,) if quick else (True, False))]
+  for mesh_shape, scan in order if only is None else list(only):
+    cfg = dataclasses.replace(model, scan_layers=scan)
+    s = setup(cfg, mesh_shape, batch)
+    all_methods = methods(rank, s.p_specs)
+    names = QUICK_METHODS if quick else tuple(all_methods)
+    if only is not None:
+      names = tuple(n for n in names if n in only.get((mesh_shape, scan), names))
+    rows = {}
+    for name in names:
+      t0 = time.perf_counter()
+      rows[name] = measure(s, all_methods[name], step=not quick or name in QUICK_STEP_METHODS)
+      kinds = _kinds(rows[name]["update"]["collectives"])
+      print(f"  mesh {mesh_shape} scan={scan} {name}: {kinds}"
+            f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    _with_ratios(rows)
+    configs.append({"mesh": list(mesh_shape), "scan_layers": scan, "param_bytes": s.param_bytes,
+                    "matrix_bytes": s.matrix_bytes, "methods": rows})
+    print_table([{
+        "method": n, "update collectives": _kinds(r["update"]["collectives"]),
+        "bytes/param": r["update"]["bytes_over_param_bytes"],
+        "bytes/matrix": r["update"]["bytes_over_matrix_bytes"],
+        "flops vs adamw": r["update"]["vs_adamw"]["flops"],
+        "step bytes vs adamw": r["step"]["vs_adamw"]["collective_bytes"] if "step" in r else "-",
+    } for n, r in rows.items()], title=f"one update, mesh {mesh_shape}, scan={scan}")
+    if done is not None:
+      done(configs)
   return configs
 
 
@@ -273,7 +278,7 @@ def section_ns_steps(quick: bool) -> dict[str, Any]:
   return out
 
 
-def section_flops_scaling(quick: bool) -> list[dict[str, Any]]:
+def section_flops_scaling(quick: bool, meshes: tuple = MESHES) -> list[dict[str, Any]]:
   """Flops per device of the spectra_adamw update / (single-device flops / devices)."""
   base = QUICK_MODEL if quick else FULL_MODEL
   batch = QUICK_BATCH if quick else FULL_BATCH
@@ -281,7 +286,7 @@ def section_flops_scaling(quick: bool) -> list[dict[str, Any]]:
   for layers in (8,) if quick else (8, base.num_layers):
     model = dataclasses.replace(base, num_layers=layers, scan_layers=True)
     single = _spectral_update_figures(model, None, batch)["flops"]
-    for mesh_shape in ((4, 2),) if quick else MESHES:
+    for mesh_shape in ((4, 2),) if quick else meshes:
       f = _spectral_update_figures(model, mesh_shape, batch)
       n = mesh_shape[0] * mesh_shape[1]
       rows.append({"layers": layers, "mesh": list(mesh_shape), "flops_per_device": f["flops"],
@@ -375,7 +380,7 @@ def _run_on_eight_devices(quick: bool) -> dict:
   return json.loads((results_dir() / "sharding.json").read_text())
 
 
-def main(quick: bool = False, only: dict | None = None) -> dict:
+def main(quick: bool = False, only: dict | None = None, flops_meshes: tuple = MESHES) -> dict:
   t0 = time.perf_counter()
   results: dict[str, Any] = {"config": {
       "quick": quick, "model": dataclasses.asdict(QUICK_MODEL if quick else FULL_MODEL),
@@ -384,12 +389,18 @@ def main(quick: bool = False, only: dict | None = None) -> dict:
   }}
   if jax.device_count() != 8:  # e.g. `python -m bench` on one CPU device: run in 8
     return _run_on_eight_devices(quick)
-  results["methods"] = section_methods(quick, only)
   if only is not None:
     results["config"]["methods_run"] = {f"{m[0]},{m[1]} scan={s}": list(v)
                                         for (m, s), v in only.items()}
   results["ns_steps"] = section_ns_steps(quick)
-  results["flops_scaling"] = section_flops_scaling(quick)
+  results["flops_scaling"] = section_flops_scaling(quick, flops_meshes)
+
+  def partial(configs):  # a long run keeps what it has measured
+    results["methods"] = configs
+    if not quick:
+      write_results("sharding", {**results, "partial": True})
+
+  results["methods"] = section_methods(quick, only, partial)
   results["summary"] = summary(results)
   results["wall_s"] = time.perf_counter() - t0
   print_table([{"target": k, "value": str(v)} for k, v in results["summary"].items()],
