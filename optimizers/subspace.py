@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import types
 from typing import Any, NamedTuple
 
 import jax
@@ -369,12 +370,20 @@ def subspace(
       return inner_updates, state._replace(count=next_count, inner_state=inner_state)
     leaves, treedef, plans = _plans(updates, weight_dimension_numbers, rank, side)
     gs = [_gradient(x, plan) for x, plan in zip(leaves, plans, strict=True)]
-    pstates = _per_leaf(state.projector_state, treedef)
+    # Boxed trees (flax variables): the state is laid out as init_fn made it, the projector
+    # state and the projected moments unboxed, the other moments in their parameter's box.
+    boxes, boxes_def = jax.tree.flatten(updates, is_leaf=is_box)
+    pdef = boxes_def if len(boxes) == len(leaves) else treedef
+    state_def = types.SimpleNamespace(unflatten=lambda values: pdef.unflatten([
+        jax.tree.unflatten(jax.tree.structure(o), [v]) if p is None and is_box(o) else v
+        for o, v, p in zip(boxes, values, plans, strict=True)]) if pdef is boxes_def
+        else treedef.unflatten(values))
+    pstates = _per_leaf(state.projector_state, pdef)
 
     def refreshed(inner_state):
       lows, used, nxt = _select(projector, gs, pstates, count, refresh=True)
       if on_refresh == "reset" or not projector.lagged:  # lagged: rotated after the update
-        inner_state = refit(inner_state, treedef, plans, pstates, used)
+        inner_state = refit(inner_state, state_def, plans, pstates, used)
       return lows, used, nxt, inner_state
 
     def kept(inner_state):
@@ -382,14 +391,14 @@ def subspace(
 
     due = count % every == 0
     lows, used, nxt, inner_state = when(due, refreshed, kept, state.inner_state)
-    low_tree = treedef.unflatten(list(map(_low_leaf, leaves, gs, lows)))
+    low_tree = state_def.unflatten(list(map(_low_leaf, leaves, gs, lows)))
     inner_updates, inner_state = inner.update(low_tree, inner_state, None)
     if on_refresh == "rotate" and projector.lagged:
-      inner_state = when(due, lambda s: refit(s, treedef, plans, used, nxt), lambda s: s,
+      inner_state = when(due, lambda s: refit(s, state_def, plans, used, nxt), lambda s: s,
                          inner_state)
     out = [_full_leaf(projector, scale, u, x, g, us, plan) for u, x, g, us, plan in zip(
-        treedef.flatten_up_to(inner_updates), leaves, gs, used, plans, strict=True)]
-    new_state = SubspaceState(next_count, inner_state, _stacked(nxt, treedef))
+        jax.tree.leaves(inner_updates), leaves, gs, used, plans, strict=True)]
+    new_state = SubspaceState(next_count, inner_state, _stacked(nxt, pdef))
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

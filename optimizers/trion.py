@@ -94,7 +94,7 @@ def scale_by_trion(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     weight_dimension_numbers: WeightDimensionNumbers = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Trion's direction (module docstring) for matrix leaves, Adam's for the others.
 
   Args:
@@ -115,7 +115,7 @@ def scale_by_trion(
     weight_dimension_numbers: matrix view (see :func:`optimizers.subspace`).
 
   Returns:
-    An ``optax.GradientTransformation`` (updates in the gradient's dtype).
+    An ``optax.GradientTransformationExtraArgs`` (updates in the gradient's dtype).
   """
   check_int("ns_steps", ns_steps, minimum=0)
   if isinstance(ns_coeffs, str):
@@ -156,8 +156,8 @@ def scale_by_trion(
         subspace=wrapper(dims).init(pick(flags, params, scalar)),
     )
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
     dims, flags = matrix_flags(updates)
     up = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
     acc = jax.tree.map(lambda f, g, m: up(m) + up(g) if f else scalar(g), flags, updates,
@@ -179,14 +179,14 @@ def scale_by_trion(
     buffer = jax.tree.map(lambda f, b, m: b if f else m, flags, buffer, adam_state.mu)
     return out, TrionState(buffer, adam_state.nu, adam_state.count, sub_state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _selected_part(acc: Any, sub_state: SubspaceState, dims: Any, projector, side: str) -> Any:
   """``A C_S^T C_S`` per matrix leaf of ``acc`` on the indices just selected (zeros for
   the other leaves)."""
   leaves, treedef, plans = _plans(acc, dims, projector.rank, side)
-  indices = treedef.flatten_up_to(sub_state.projector_state.indices)
+  indices = jax.tree.leaves(sub_state.projector_state.indices)  # unboxed (see subspace)
   out = []
   for x, plan, idx in zip(leaves, plans, indices, strict=True):
     if plan is None:

@@ -545,3 +545,37 @@ def test_trion_bf16_state_and_bad_input():
                        ({"rank": 0}, "rank"), ({"side": "left"}, "side")]:
     with pytest.raises(ValueError, match=name):
       opt.trion(0.02, **{"rank": 2, **kwargs})
+
+
+# ---------------------------------------------------------------------------
+# Flax nnx state (parameters held in nnx.Param variables).
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: opt.dct_adamw(1e-2, 2, on_refresh="rotate", update_every=2),
+    lambda: opt.online_subspace_descent(1e-2, 2, on_refresh="rotate"),
+    lambda: opt.trion(2e-2, 2),
+], ids=["dct_adamw", "online_subspace_descent", "trion"])
+def test_trains_an_nnx_state_like_a_plain_dict(make):
+  """``nnx.split`` params keep nnx.Param variables in the tree: the updates equal those on
+  the same params as a plain dict, over refreshes that rotate the moments."""
+  from flax import nnx
+
+  model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+  _, state = nnx.split(model, nnx.Param)
+  plain = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(16)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), plain)
+           for _ in range(3)]
+  tx = make()
+  ups_plain, _ = run(tx, plain, grads)
+  boxed_grads = []
+  for g in grads:
+    s = jax.tree.map(lambda x: x, state)
+    nnx.replace_by_pure_dict(s, g)
+    boxed_grads.append(s)
+  ups_boxed, _ = run(tx, state, boxed_grads)
+  for a, b in zip(ups_plain, ups_boxed, strict=True):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
