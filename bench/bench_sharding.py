@@ -33,6 +33,7 @@ Output: tables, and ``bench/results/sharding.json``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -54,6 +55,7 @@ from bench import methods as methods_lib
 from bench import pretrain
 from bench.common import command_line, print_table, results_dir, write_results
 from bench.hlo import compile_figures
+from optimizers.linalg import SOFT_NS_STEPS
 
 FULL_MODEL = pretrain.GPTConfig(d_model=256, num_layers=4, num_heads=4, d_ff=1024, seq_len=64)
 QUICK_MODEL = pretrain.GPTConfig(d_model=16, num_layers=8, num_heads=2, d_ff=32, seq_len=8)
@@ -239,9 +241,11 @@ def section_methods(quick: bool, only: dict | None = None,
   return configs
 
 
+@functools.cache
 def _spectral_update_figures(model: pretrain.GPTConfig, mesh_shape: tuple[int, int] | None,
                              batch: int, **kwargs: Any) -> dict[str, Any]:
-  """Compiled figures of one spectra_adamw update (``mesh_shape=None``: one device)."""
+  """Compiled figures of one spectra_adamw update (``mesh_shape=None``: one device);
+  cached, so the sections share a program they both need."""
   if mesh_shape is None:
     graphdef, state = nnx.split(pretrain.GPT(model, nnx.Rngs(0)))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -287,7 +291,7 @@ def section_flops_scaling(quick: bool, meshes: tuple = MESHES) -> list[dict[str,
     model = dataclasses.replace(base, num_layers=layers, scan_layers=True)
     single = _spectral_update_figures(model, None, batch)["flops"]
     for mesh_shape in ((4, 2),) if quick else meshes:
-      f = _spectral_update_figures(model, mesh_shape, batch)
+      f = _spectral_update_figures(model, mesh_shape, batch, ns_steps=SOFT_NS_STEPS)
       n = mesh_shape[0] * mesh_shape[1]
       rows.append({"layers": layers, "mesh": list(mesh_shape), "flops_per_device": f["flops"],
                    "single_device_flops": single,
