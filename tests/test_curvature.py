@@ -11,23 +11,16 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from _reference import mlp_problem
 from optimizers import directional_sharpness, hessian_top_eigenvalue, hessian_vector_product
 
-SHAPES = {"w1": (3, 4), "b1": (4,), "w2": (4, 2)}  # 22 parameters
 
-
-def mlp_problem(seed: int, dtype=jnp.float64):
-  """A tiny tanh MLP with squared loss: params, loss_fn."""
-  rng = np.random.default_rng(seed)
-  x = rng.standard_normal((5, 3))
-  y = rng.standard_normal((5, 2))
-  params = {k: jnp.asarray(rng.standard_normal(s), dtype) for k, s in SHAPES.items()}
-
-  def loss(p):
-    h = jnp.tanh(jnp.asarray(x, p["w1"].dtype) @ p["w1"] + p["b1"])
-    return jnp.mean((h @ p["w2"] - jnp.asarray(y, p["w2"].dtype)) ** 2)
-
-  return params, loss
+def mlp_loss(seed: int, dtype=jnp.float64):
+  """The shared tiny tanh MLP regression (3-4-2, 5 samples) with its data closed over:
+  ``params, loss(params)``."""
+  params, (x, y), mse = mlp_problem(seed, sizes=(3, 4, 2), batch=5, dtype=dtype)
+  x, y = np.asarray(x), np.asarray(y)  # cast to the params' dtype at each call
+  return params, lambda p: mse(p, jnp.asarray(x, p["w1"].dtype), jnp.asarray(y, p["w1"].dtype))
 
 
 def explicit_hessian(loss, params) -> np.ndarray:
@@ -72,7 +65,7 @@ def quadratic_problem(eigenvalues, seed: int):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_hvp_and_sharpness_match_explicit_hessian_float64(seed):
   with jax.enable_x64(True):
-    params, loss = mlp_problem(seed)
+    params, loss = mlp_loss(seed)
     h = explicit_hessian(loss, params)
     for k in range(3):
       v = random_direction(100 * seed + k, params)
@@ -86,7 +79,7 @@ def test_hvp_and_sharpness_match_explicit_hessian_float64(seed):
 
 def test_sharpness_float32_against_float64_hessian():
   with jax.enable_x64(True):
-    params64, loss = mlp_problem(2)
+    params64, loss = mlp_loss(2)
     h = explicit_hessian(loss, params64)
   params32 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params64)
   scale = np.abs(np.linalg.eigvalsh(h)).max()
@@ -160,7 +153,7 @@ def test_power_iteration_matches_eigvalsh(eigenvalues):
 
 def test_power_iteration_mlp_float64():
   with jax.enable_x64(True):
-    params, loss = mlp_problem(10)
+    params, loss = mlp_loss(10)
     lam = np.linalg.eigvalsh(explicit_hessian(loss, params))
     order = np.argsort(-np.abs(lam))
     ratio = abs(lam[order[1]] / lam[order[0]])
@@ -198,14 +191,14 @@ def test_power_iteration_bad_num_iters(num_iters):
 def test_sharpness_and_eigenvalue_on_explicit_sharded_params():
   """Explicit-sharded parameters on an 8-device mesh give the unsharded results (the
   tree inner products must not ravel the sharded leaves)."""
-  params, _ = mlp_problem(7, jnp.float32)
+  params, _ = mlp_loss(7, jnp.float32)
   direction = random_direction(8, params)
 
   def loss(p):  # couples the leaves with elementwise ops and sums only (any sharding)
     return (jnp.sum(jnp.tanh(p["w1"] * p["b1"]) ** 2)
             + jnp.sum(p["w2"] ** 4) * (1.0 + jnp.sum(jnp.sin(p["b1"]))))
 
-  specs = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", "data")}
+  specs = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", "data"), "b2": P()}
   want_s = directional_sharpness(loss, params, direction)
   want_e = hessian_top_eigenvalue(loss, params, num_iters=8, key=3)
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
