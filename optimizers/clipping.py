@@ -11,8 +11,9 @@ where ``|g|_{(j)}`` is the ``j``-th largest magnitude (0-indexed, descending) an
 ``s`` a scale (1 by default). ``k = 0`` disables the transform; a fixed ``tau``
 is the simple special case. Chained before an optimizer, the clipped gradient
 feeds both of Adam's moments (``optax.chain(clip_coordinatewise(0.1),
-optax.adam(1e-3))``); clipping only the first moment's input is done by
-``optax.chain``-ing inside a custom ``scale_by_adam`` and is not provided here.
+optax.adam(1e-3))``). The paper's clipped Adam clips only the FIRST moment's
+input and feeds the raw gradient to the second: that is
+:func:`optimizers.clipped_adamw` (and ``scale_by_clipped_adam``).
 
 Two ways to find ``tau`` (:func:`coordinatewise_threshold`; the default
 ``method="auto"`` takes ``"bisect"`` when some leaf lives on a multi-device mesh,
