@@ -397,6 +397,8 @@ def m_sharpness_gradient(
   ``axis_name``: each device then splits its LOCAL batch into ``num_groups``
   groups and the result is averaged over the axis (``pmean``), which is the
   reference implementation's per-device perturbation with ``num_groups=1``.
+  As in :func:`sam`, ``loss_fn`` sees each perturbed point in float32 (not
+  rounded back to bf16 parameters).
   Feed the result to the base optimizer directly (no :func:`sam` in the chain).
   The cost is two gradient evaluations of the batch, as for :func:`sam`.
 
