@@ -13,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from _reference import mlp_problem
 from regularizers import SAMState, m_sharpness_gradient, sam, sam_perturbation
 
 # Rectangular both ways and a stacked leading axis.
@@ -295,17 +296,11 @@ def test_bad_input():
 # ---------------------------------------------------------------------------
 
 
-def mlp_problem(batch_size=16, seed=0):
-  rng = np.random.default_rng(seed)
-  params = {"w1": jnp.asarray(rng.standard_normal((3, 6)) / 2, jnp.float32),
-            "w2": jnp.asarray(rng.standard_normal((6, 2)) / 2, jnp.float32)}
-  batch = {"x": jnp.asarray(rng.standard_normal((batch_size, 3)), jnp.float32),
-           "y": jnp.asarray(rng.standard_normal((batch_size, 2)), jnp.float32)}
-
-  def loss(p, bt):
-    return jnp.mean((jnp.tanh(bt["x"] @ p["w1"]) @ p["w2"] - bt["y"]) ** 2)
-
-  return params, batch, loss
+def mlp_batch_problem(batch_size=16, seed=0):
+  """The shared tiny tanh MLP regression (3-6-2, no biases) with a batch dict:
+  ``params, {"x", "y"}, loss(params, batch)``."""
+  params, (x, y), mse = mlp_problem(seed, sizes=(3, 6, 2), batch=batch_size, bias=False)
+  return params, {"x": x, "y": y}, lambda p, bt: mse(p, bt["x"], bt["y"])
 
 
 def per_group_reference(loss, params, batch, num_groups, **kwargs):
@@ -326,7 +321,7 @@ def per_group_reference(loss, params, batch, num_groups, **kwargs):
     ids=["sam-vmap_all", "asam-2_per_pass"],
 )
 def test_m_sharpness_is_mean_of_per_group_sam(kwargs, groups_per_pass):
-  params, batch, loss = mlp_problem()
+  params, batch, loss = mlp_batch_problem()
   got = jax.jit(lambda p, bt: m_sharpness_gradient(
       loss, p, bt, num_groups=4, groups_per_pass=groups_per_pass, **kwargs))(params, batch)
   chex.assert_trees_all_close(got, per_group_reference(loss, params, batch, 4, **kwargs),
@@ -343,7 +338,7 @@ def test_m_sharpness_is_mean_of_per_group_sam(kwargs, groups_per_pass):
 
 def test_m_sharpness_shard_map_per_device():
   mesh = jax.make_mesh((8,), ("data",))
-  params, batch, loss = mlp_problem(batch_size=16, seed=1)
+  params, batch, loss = mlp_batch_problem(batch_size=16, seed=1)
   sharded = (jax.device_put(params, NamedSharding(mesh, P())),
              jax.device_put(batch, NamedSharding(mesh, P("data"))))
   f = jax.jit(jax.shard_map(
@@ -363,7 +358,7 @@ def test_m_sharpness_shard_map_per_device():
 
 
 def test_m_sharpness_bad_input():
-  params, batch, loss = mlp_problem(batch_size=6)
+  params, batch, loss = mlp_batch_problem(batch_size=6)
   with pytest.raises(ValueError, match="num_groups"):
     m_sharpness_gradient(loss, params, batch, num_groups=4)
   with pytest.raises(ValueError, match="num_groups"):
