@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from _reference import random_tree
+from _reference import mlp_problem, random_tree
 from regularizers import (
     BloopState,
     bloop,
@@ -403,18 +403,14 @@ def two_losses(params, x, y):
   return main, aux
 
 
-def mlp_problem(dtype=jnp.float32):
-  rng = np.random.default_rng(11)
-  params = {"w1": rng.standard_normal((6, 9)) / 3, "b1": rng.standard_normal(9),
-            "w2": rng.standard_normal((9, 4)) / 3}
-  params = {k: jnp.asarray(v, jnp.float32).astype(dtype) for k, v in params.items()}
-  x = jnp.asarray(rng.standard_normal((7, 6)), dtype)
-  y = jnp.asarray(rng.integers(0, 4, 7))
-  return params, x, y
+def classification_problem(dtype=jnp.float32):
+  """The shared tiny tanh MLP (6-9-4, 7 samples) with integer labels: ``params, x, y``."""
+  params, (x, _), _ = mlp_problem(11, sizes=(6, 9, 4), batch=7, dtype=dtype)
+  return params, x, jnp.asarray(np.random.default_rng(12).integers(0, 4, 7))
 
 
 def test_main_and_aux_grads_equal_two_grad_calls():
-  params, x, y = mlp_problem()
+  params, x, y = classification_problem()
   helper = lambda p: main_and_aux_grads(two_losses, p, x, y)
   two_grads = lambda p: (jax.grad(lambda q: two_losses(q, x, y)[0])(p),
                          jax.grad(lambda q: two_losses(q, x, y)[1])(p))
@@ -429,7 +425,7 @@ def test_main_and_aux_grads_equal_two_grad_calls():
 
 
 def test_main_and_aux_grads_has_aux_bf16_and_errors():
-  params, x, y = mlp_problem(jnp.bfloat16)
+  params, x, y = classification_problem(jnp.bfloat16)
 
   def with_data(p, x, y):
     main, aux = two_losses(p, x, y)
@@ -447,7 +443,7 @@ def test_main_and_aux_grads_has_aux_bf16_and_errors():
 
 
 def test_helper_feeds_bloop_in_a_training_step():
-  params, x, y = mlp_problem()
+  params, x, y = classification_problem()
   tx = optax.chain(bloop(0.1), optax.adam(1e-2))
 
   @jax.jit
