@@ -99,7 +99,8 @@ def cfg_kwargs(cfg) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def mlp_problem(seed: int, num: int = 16, dtype=jnp.float32):
+def nested_mlp_problem(seed: int, num: int = 16, dtype=jnp.float32):
+  """A scalar-output MLP with a nested param tree and a stacked (2, 6, 6) leaf: params, data."""
   rng = np.random.default_rng(seed)
   params = {
       "inp": {"kernel": rng.normal(size=(3, 6)) / np.sqrt(3), "bias": 0.1 * rng.normal(size=6)},
@@ -199,7 +200,7 @@ def test_one_step_ols_overdetermined(cfg):
 @pytest.mark.parametrize("rank", [3, 16])
 def test_mlp_step_equals_truncated_pinv(cfg, rank):
   for seed in (3, 4):
-    params, data = mlp_problem(seed)
+    params, data = nested_mlp_problem(seed)
     m, r = mlp_reference(params, data)
     s = np.linalg.svd(m, compute_uv=False)
     if rank < s.size:  # the truncation is well posed only with a gap at k
@@ -261,7 +262,7 @@ def test_matrix_free_agrees_with_exact():
   assert not np.array_equal(np.asarray(state.key), np.asarray(jax.random.PRNGKey(0)))
   # On the MLP (no gap to speak of) the randomized result tracks the exact one loosely
   # and is exact when the subspace is all of R^B.
-  params, data = mlp_problem(seed=7)
+  params, data = nested_mlp_problem(seed=7)
   m, r = mlp_reference(params, data)
   expected = truncated_pinv_step(m, r, 4, 1e-3)[0]
   approx, _ = run(mlp_residual, data, params, 4, method="matrix_free", power_iterations=4,
@@ -273,7 +274,7 @@ def test_matrix_free_agrees_with_exact():
 
 def test_microbatched_matches_full():
   # (configurations shared with the tests above, so nothing new is compiled)
-  params, data = mlp_problem(seed=8)
+  params, data = nested_mlp_problem(seed=8)
   for rank, rms_decay, oversampling in ((3, 0.0, None), (8, 0.9, 8)):
     kwargs = dict(method="gram", rms_decay=rms_decay, oversampling=oversampling)
     full, full_state = run(mlp_residual, data, params, rank, **kwargs)
@@ -285,7 +286,7 @@ def test_microbatched_matches_full():
 @pytest.mark.parametrize("cfg", ALL, ids=method_id)
 def test_rms_prescaling_is_a_change_of_variables(cfg):
   """delta = D pinv_k(M D) r with D = 1/(sqrt(nu) + eps), nu an EMA of (mean row of M)^2."""
-  params, data = mlp_problem(seed=9)
+  params, data = nested_mlp_problem(seed=9)
   m, r = mlp_reference(params, data)
   decay, eps = 0.9, 1e-3
   nu = np.zeros(m.shape[1])
@@ -300,7 +301,7 @@ def test_rms_prescaling_is_a_change_of_variables(cfg):
 
 
 def test_bf16_params():
-  params, data = mlp_problem(seed=10, dtype=jnp.bfloat16)
+  params, data = nested_mlp_problem(seed=10, dtype=jnp.bfloat16)
   m, r = mlp_reference(params, data)  # at the bf16 values, upcast
   expected, _ = truncated_pinv_step(m, r, 6, 1e-3)
   grads = jax.tree.map(jnp.zeros_like, params)
@@ -329,7 +330,7 @@ def test_zero_jacobian_gives_zero_step(cfg):
 
 @pytest.mark.parametrize("cfg", ALL, ids=method_id)
 def test_nonfinite_residuals_propagate(cfg):
-  params, data = mlp_problem(seed=12)
+  params, data = nested_mlp_problem(seed=12)
   # rank 3 / 4 + 9: configurations shared with the tests above
   rank = 4 if cfg[0] == "matrix_free" else 3
   for bad in (jnp.nan, jnp.inf):
@@ -344,7 +345,7 @@ def test_nonfinite_residuals_propagate(cfg):
 
 def test_apply_if_finite_skips_nonfinite_steps():
   """apply_if_finite checks its incoming updates: placed after Sven it sees Sven's output."""
-  params, (x, y) = mlp_problem(seed=12)
+  params, (x, y) = nested_mlp_problem(seed=12)
   tx = optax.chain(scale_by_sven(3), optax.apply_if_finite(optax.scale(-0.5), 3))
   state = tx.init(params)
   step = jax.jit(
@@ -357,7 +358,7 @@ def test_apply_if_finite_skips_nonfinite_steps():
 
 
 def test_sven_is_minus_learning_rate_times_direction():
-  params, data = mlp_problem(seed=13)
+  params, data = nested_mlp_problem(seed=13)
   direction, _ = run(mlp_residual, data, params, 3, method="gram")
   updates, _ = run(mlp_residual, data, params, 3, method="gram", lr=0.3, optimizer="sven")
   chex.assert_trees_all_close(updates, jax.tree.map(lambda d: -0.3 * d, direction), rtol=1e-6)
@@ -397,7 +398,7 @@ def test_auto_picks_svd_when_batch_is_comparable_to_params():
 
 
 def test_state_and_diagnostics_padding():
-  params, data = mlp_problem(seed=14, num=4)
+  params, data = nested_mlp_problem(seed=14, num=4)
   state0 = scale_by_sven(7).init(params)
   assert isinstance(state0, ScaleBySvenState) and state0.nu == ()
   _, state = run(mlp_residual, data, params, 7)  # more directions requested than samples
@@ -433,7 +434,7 @@ def test_bad_configuration(kwargs, name):
 
 
 def test_bad_update_arguments():
-  params, data = mlp_problem(seed=15)
+  params, data = nested_mlp_problem(seed=15)
   residual_fn = lambda p: mlp_residual(p, data)
   tx = scale_by_sven(2)
   state = tx.init(params)
@@ -491,7 +492,7 @@ def jacobian_reference(whole_fn, params):
                                          ((("method", "svd"),), 5)],
                          ids=["ghost", "per_example", "svd"])
 def test_separable_step_equals_truncated_pinv(opts, rank):
-  params, data = mlp_problem(seed=21, num=12)
+  params, data = nested_mlp_problem(seed=21, num=12)
   m, r = mlp_reference(params, data)
   expected, kept = truncated_pinv_step(m, r, rank, 1e-3)
   delta, state = run_separable(mlp_example, data, params, rank, **dict(opts))
@@ -501,7 +502,7 @@ def test_separable_step_equals_truncated_pinv(opts, rank):
 
 
 def test_leaf_paths_of_the_mlp():
-  params, (x, y) = mlp_problem(seed=22, num=4)
+  params, (x, y) = nested_mlp_problem(seed=22, num=4)
   paths = sven_leaf_paths(mlp_example, params, (x, y))
   assert paths == {
       "['inp']['bias']": "per_example (used by add)",
@@ -604,7 +605,7 @@ def test_unsupported_primitive_falls_back_and_warns_once():
 
 
 def test_separable_nonfinite_residuals_propagate():
-  params, (x, y) = mlp_problem(seed=26, num=12)
+  params, (x, y) = nested_mlp_problem(seed=26, num=12)
   for ghost in (True, False):
     delta, _ = run_separable(mlp_example, (x, y.at[3].set(jnp.nan)), params, 3,
                              **({} if ghost else {"ghost": False}))
@@ -612,7 +613,7 @@ def test_separable_nonfinite_residuals_propagate():
 
 
 def test_separable_bad_input():
-  params, (x, y) = mlp_problem(seed=27, num=6)
+  params, (x, y) = nested_mlp_problem(seed=27, num=6)
   tx = scale_by_sven(2)
   state = tx.init(params)
   with pytest.raises(ValueError, match="batch"):  # leading axes differ
@@ -649,7 +650,7 @@ def loss_rows(params, data):
 
 
 def test_polyak_step_size():
-  params, data = mlp_problem(seed=31, num=12)
+  params, data = nested_mlp_problem(seed=31, num=12)
   m, r = loss_rows(params, data)
   for f_star, max_step in ((0.0, 10.0), (0.05, 0.3)):
     u, s, _ = np.linalg.svd(m, full_matrices=False)
@@ -672,7 +673,7 @@ def draws(state):
 
 
 def test_row_grouping_and_row_masking():
-  params, data = mlp_problem(seed=32, num=12)
+  params, data = nested_mlp_problem(seed=32, num=12)
   m, r = mlp_reference(params, data)
   # Groups of 3 consecutive residuals averaged (the reference's microbatching of losses).
   expected = truncated_pinv_step(m.reshape(4, 3, -1).mean(1), r.reshape(4, 3).mean(1), 4,
@@ -704,7 +705,7 @@ def reference_block_mask(sizes, order, target) -> np.ndarray:
 
 @pytest.mark.parametrize("by_block", [False, True], ids=["entries", "blocks"])
 def test_parameter_masking(by_block):
-  params, data = mlp_problem(seed=33, num=12)
+  params, data = nested_mlp_problem(seed=33, num=12)
   m, r = mlp_reference(params, data)
   sizes = np.array([leaf.size for leaf in jax.tree.leaves(params)])
   target = int(0.4 * sizes.sum())
@@ -726,7 +727,7 @@ def test_parameter_masking(by_block):
 
 
 def test_nu_dtype_stores_low_precision_and_steps_in_float32():
-  params, data = mlp_problem(seed=34, num=12)
+  params, data = nested_mlp_problem(seed=34, num=12)
   m, r = mlp_reference(params, data)
   decay, eps = 0.9, 1e-3
   opts = dict(rms_decay=decay, rms_eps=eps, nu_dtype=jnp.bfloat16)
@@ -746,7 +747,7 @@ def test_nu_dtype_stores_low_precision_and_steps_in_float32():
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit],
                          ids=["auto", "explicit"])
 def test_ghost_gram_batch_sharded_over_data_equals_single_device(axis_type):
-  params, data = mlp_problem(seed=35, num=16)
+  params, data = nested_mlp_problem(seed=35, num=16)
   single, single_state = run_separable(mlp_example, data, params, 6)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
   tx = scale_by_sven(6)
