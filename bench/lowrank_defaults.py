@@ -9,6 +9,8 @@ several seeds, and the final train and validation losses are compared seed by se
 * ``online_subspace_descent`` initial basis: ``init="dct"`` (SVD-free: the best DCT
   vectors for the first gradient) against ``init="svd"`` (the authors' code: the top
   singular vectors of the first gradient);
+* Adam moments (Trion: its buffer and AdamW moments) stored in bfloat16 against float32
+  (``--only dtype_dct,dtype_osd,dtype_trion``; the update is computed in float32 either way);
 * ``dct_adamw`` with ``on_refresh="rotate"``: the size of the first Adam update of a
   newly selected frequency (zero moments, the step count running on) relative to the
   frequencies kept from the previous step, at the same step.
@@ -35,19 +37,29 @@ from bench.common import print_table, write_results
 from bench.lm import MATRIX_VIEW, LMConfig, build, lm_loss, load_corpus, sample_batch, train
 
 PEAK_LR, WEIGHT_DECAY, RANK = 3e-3, 0.01, 16
+TRION_LR = 2e-2
+BF16 = {"mu_dtype": "bfloat16", "nu_dtype": "bfloat16"}
 
 CHOICES = {
     "score": ("dct_adamw", {"l2": {"score": "l2"}, "l1": {"score": "l1"}}),
     "init": ("online_subspace_descent", {"dct": {"init": "dct"}, "svd": {"init": "svd"}}),
+    # Adam moments stored in bfloat16 (the update still computed in float32)
+    "dtype_dct": ("dct_adamw", {"f32": {}, "bf16": BF16}),
+    "dtype_osd": ("online_subspace_descent", {"f32": {}, "bf16": BF16}),
+    "dtype_trion": ("trion", {"f32": {}, "bf16": BF16}),
 }
 
 
-def _schedule(steps: int):
-  return optax.warmup_cosine_decay_schedule(0.0, PEAK_LR, max(steps // 10, 1), steps)
+def _schedule(steps: int, peak: float = PEAK_LR):
+  return optax.warmup_cosine_decay_schedule(0.0, peak, max(steps // 10, 1), steps)
 
 
 def _optimizer(factory: str, steps: int, **options):
   make = getattr(opt, factory)
+  if factory == "trion":  # the demo row's rates (bench/methods.py)
+    options = {"adam_learning_rate": _schedule(steps), **options}
+    return make(_schedule(steps, TRION_LR), RANK, weight_decay=WEIGHT_DECAY,
+                weight_dimension_numbers=MATRIX_VIEW, **options)
   return make(_schedule(steps), RANK, weight_decay=WEIGHT_DECAY,
               weight_dimension_numbers=MATRIX_VIEW, **options)
 
@@ -171,13 +183,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--only", default="score,init,rotate")
+  p.add_argument("--only", default="score,init,rotate,dtype_dct,dtype_osd,dtype_trion")
   p.add_argument("--name", default="lowrank_defaults")
   a = p.parse_args(argv)
   data = load_corpus()
   only = a.only.split(",")
   rows = []
-  for which in ("score", "init"):
+  for which in CHOICES:
     if which in only:
       rows += compare(which, a.steps, range(a.seeds), a.batch_size, data)
   results = {"config": vars(a), "runs": rows, "summary": summarise(rows) if rows else []}
