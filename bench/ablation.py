@@ -26,7 +26,7 @@ from bench.lm import MATRIX_VIEW, LMConfig, lm_loss, load_corpus, train
 
 DEFAULT_METHODS = (
     "adamw", "adamw+clip", "sgd", "sgd+clip", "spectra_adamw", "galore", "dct_adamw",
-    "online_subspace_descent", "sam", "mesa", "bloop", "perp_grad",
+    "online_subspace_descent", "trion", "sam", "mesa", "bloop", "perp_grad",
 )
 
 

@@ -72,15 +72,11 @@ class Method:
   teacher: Callable[[], reg.MESA] | None = None  # loss-side EMA teacher (MESA)
 
 
-def schedule_peak(learning_rate: Any, horizon: int = 1_000_000) -> float:
-  """The largest value of a schedule over its first ``horizon`` steps (a float as is).
-
-  Every step of the first 10k (warm-ups are short), then every 100th.
-  """
-  if not callable(learning_rate):
-    return float(learning_rate)
-  steps = jnp.concatenate([jnp.arange(min(horizon, 10_000)), jnp.arange(10_000, horizon, 100)])
-  return float(jnp.max(learning_rate(steps)))
+def _scaled(learning_rate: Any, factor: float) -> Any:
+  """``factor`` times a learning rate or schedule."""
+  if callable(learning_rate):
+    return lambda count: factor * learning_rate(count)
+  return factor * learning_rate
 
 
 def _two_dim_only(dims: Any) -> Any:
@@ -137,9 +133,14 @@ def registry(
           lr, rank, weight_decay=wd, weight_dimension_numbers=dims), 3e-3,
              note=f"rank {rank}"),
       Method("online_subspace_descent", lambda lr: opt.online_subspace_descent(
-          lr, rank, weight_decay=wd, schedule_reference=schedule_peak(lr),
-          weight_dimension_numbers=dims), 3e-3,
-             note=f"rank {rank}, projector lr follows lr_t / lr_peak"),
+          lr, rank, weight_decay=wd, weight_dimension_numbers=dims), 3e-3,
+             note=f"rank {rank}, SVD first basis, projector lr follows lr_t / lr_peak"),
+      # Orthogonalised updates want Muon-like rates; the other leaves take AdamW at the
+      # AdamW rows' 3e-3 (0.15 x the matrices' peak), as the reference trains them apart.
+      Method("trion", lambda lr: opt.trion(
+          lr, rank, weight_decay=wd, adam_learning_rate=_scaled(lr, 0.15),
+          weight_dimension_numbers=dims), 2e-2,
+             note=f"rank {rank}, DCT l1 + Newton-Schulz, error feedback"),
       Method("sam", lambda lr: optax.chain(reg.sam(0.05), optax.adamw(lr, weight_decay=wd)), 3e-3,
              _grad_fn, "SAM rho 0.05 + AdamW"),
       Method("mesa", lambda lr: optax.adamw(lr, weight_decay=wd), 3e-3,
