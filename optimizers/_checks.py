@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 __all__ = [
+    "check_bool",
     "check_choice",
     "check_floating_dtype",
     "check_int",
@@ -100,6 +101,12 @@ def check_int(name: str, value: Any, minimum: int = 1) -> None:
   """``value`` a Python int (not a bool) ``>= minimum``."""
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     raise _fail(name, f"a Python int >= {minimum}", value)
+
+
+def check_bool(name: str, value: Any) -> None:
+  """``value`` a Python bool (a static switch; not a traced value)."""
+  if not isinstance(value, bool):
+    raise _fail(name, "a bool", value)
 
 
 def check_period(name: str, value: Any) -> None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optimizers._checks import check_choice, check_interval, check_nonnegative
+from optimizers._checks import check_bool, check_choice, check_interval, check_nonnegative
 from optimizers._trees import compute_dtype, max_scaled, nonzero, tree_upcast, tree_vdot, vdot
 from regularizers._aux import check_aux_grads, cosine, main_aux_dots
 
@@ -110,6 +110,62 @@ def _first_is(ema: Any, g: Any, ema_init: str) -> Any:
     return ema
   empty = tree_vdot(ema, ema) == 0
   return jax.tree.map(lambda m, x: jnp.where(empty, x.astype(m.dtype), m), ema, g)
+
+
+def _ema_step(ema: Any, x: Any, beta: jax.Array, ema_init: str) -> tuple[Any, Any]:
+  """``(m, beta m + (1 - beta) x)``, ``m`` the EMA before the step (``x`` itself at the
+  first step with ``ema_init="grad"``); the new EMA in the EMA's dtypes."""
+  ema = _first_is(ema, x, ema_init)
+  new = jax.tree.map(lambda n, m: n.astype(m.dtype), optax.tree.update_moment(x, ema, beta, 1),
+                     ema)
+  return ema, new
+
+
+def _scaled_eps(epsilon: jax.Array, s_m: jax.Array) -> jax.Array:
+  """``eps / s_m^2``: the ``eps`` of ``||m||^2 + eps`` for the max-scaled ``m^ = m / s_m``.
+
+  (XLA may rewrite ``eps / s / s`` as ``eps / (s * s)``, which is 0 / 0 when ``s^2``
+  underflows: hence the guard.)
+  """
+  return jnp.where(epsilon > 0, epsilon / s_m / s_m, jnp.zeros_like(s_m))
+
+
+def _aux_list(updates: Any, aux_grads: Any, count: int | None) -> list[Any]:
+  """The checked float32 auxiliary gradients: one tree (``count`` None) or a sequence of
+  ``count`` trees."""
+  if count is None:
+    return [tree_upcast(check_aux_grads("bloop", updates, aux_grads))]
+  if not isinstance(aux_grads, list | tuple) or len(aux_grads) != count:
+    got = type(aux_grads).__name__
+    got += f" of {len(aux_grads)}" if isinstance(aux_grads, list | tuple) else ""
+    raise ValueError(f"bloop: aux_grads must be a sequence of {count} gradient trees (one "
+                     f"per aux_weight), got {got}.")
+  return [tree_upcast(check_aux_grads("bloop", updates, x)) for x in aux_grads]
+
+
+def _aux_term(g: Any, a: Any, lam: jax.Array, m_hat: Any, s_m: jax.Array, eps_hat: jax.Array,
+              projection: str, barrier: bool, ratio_only: bool):
+  """``(lam (a - removed), cosine of a and m, reported multiple of m removed)`` for one
+  float32 auxiliary gradient ``a`` and the max-scaled EMA ``m = s_m m^``.
+
+  With ``a = s_a a^``, the removed multiple of ``m`` is ``(s_a / s_m) r^`` with
+  ``r^ = <a^, m^> / (||m^||^2 + eps / s_m^2)``, i.e. the projection is ``s_a r^ m^``.
+  """
+  s_a, a_hat = max_scaled(a)
+  ratios, am, mm, projection_ratio = _ratios(a_hat, m_hat, eps_hat, projection)
+  # c = r^ s_a is the multiple of m^ removed (r = c / s_m that of m); the barrier caps
+  # r at 1 / lam, i.e. c at s_m / lam (inf for lam = 0).
+  coefs = jax.tree.map(lambda r: r * s_a, ratios)
+  projection_ratio = projection_ratio * (s_a / s_m)
+  if barrier:
+    coefs = jax.tree.map(lambda c: jnp.minimum(c, s_m / lam), coefs)
+    projection_ratio = jnp.minimum(projection_ratio, 1 / lam)
+  if ratio_only:
+    removed = jax.tree.map(lambda c, x: (c / s_m) * x, coefs, g)
+  else:
+    removed = jax.tree.map(lambda c, y: c * y, coefs, m_hat)
+  term = jax.tree.map(lambda y, z: lam * (y - z), a, removed)
+  return term, cosine(am, tree_vdot(a_hat, a_hat), mm), jnp.asarray(projection_ratio, jnp.float32)
 
 
 def _as_list(aux_weight: Any) -> tuple[list[Any], bool]:
@@ -229,8 +285,7 @@ def bloop(
   check_choice("ema_order", ema_order, _EMA_ORDERS)
   check_ema_init(ema_init, seed)
   for name, flag in (("rescale", rescale), ("ratio_only", ratio_only), ("barrier", barrier)):
-    if not isinstance(flag, bool):
-      raise ValueError(f"{name} must be a bool, got {name}={flag!r}.")
+    check_bool(name, flag)
   if barrier and several:
     raise ValueError("barrier=True takes one auxiliary loss; got a sequence aux_weight "
                      f"of length {len(weights)}.")
@@ -249,56 +304,27 @@ def bloop(
       **extra_args: Any,
   ) -> tuple[optax.Updates, BloopState]:
     del params, extra_args
-    if several:
-      if not isinstance(aux_grads, list | tuple) or len(aux_grads) != len(weights):
-        raise ValueError(
-            f"bloop: aux_grads must be a sequence of {len(weights)} gradient trees (one per "
-            f"aux_weight), got {type(aux_grads).__name__}"
-            f"{'' if not isinstance(aux_grads, list | tuple) else ' of ' + str(len(aux_grads))}.")
-      auxes = [check_aux_grads("bloop", updates, x) for x in aux_grads]
-    else:
-      auxes = [check_aux_grads("bloop", updates, aux_grads)]
+    auxes = _aux_list(updates, aux_grads, len(weights) if several else None)
     g = tree_upcast(updates)
     # Hyperparameters as float32 arrays first, so that Python floats and the
     # arrays of optax.inject_hyperparams give bit-identical results.
     beta, epsilon = (jnp.asarray(x, jnp.float32) for x in (decay, eps))
     lams = [jnp.asarray(w, jnp.float32) for w in weights]
-    ema = _first_is(state.ema, g, ema_init)
-    new_ema = jax.tree.map(
-        lambda n, m: n.astype(m.dtype), optax.tree.update_moment(g, ema, beta, 1), ema)
-    m = ema if ema_order == "before" else new_ema
-    # Inner products of the max-scaled trees a = s_a a^, m = s_m m^ (see max_scaled): the
-    # removed multiple of m is (s_a / s_m) r^ with r^ = <a^, m^> / (||m^||^2 + eps / s_m^2),
-    # i.e. the projection is s_a r^ m^.
-    s_m, m_hat = max_scaled(m)
-    # (XLA may rewrite eps / s / s as eps / (s * s), which is 0 / 0 when s^2 underflows.)
-    eps_hat = jnp.where(epsilon > 0, epsilon / s_m / s_m, jnp.zeros_like(s_m))
+    ema, new_ema = _ema_step(state.ema, g, beta, ema_init)
+    s_m, m_hat = max_scaled(ema if ema_order == "before" else new_ema)
+    eps_hat = _scaled_eps(epsilon, s_m)
+    terms = [_aux_term(g, a, lam, m_hat, s_m, eps_hat, projection, barrier, ratio_only)
+             for lam, a in zip(lams, auxes, strict=True)]
     total = g
-    cosines, reported = [], []
-    for lam, a in zip(lams, map(tree_upcast, auxes), strict=True):
-      s_a, a_hat = max_scaled(a)
-      ratios, am, mm, projection_ratio = _ratios(a_hat, m_hat, eps_hat, projection)
-      # c = r^ s_a is the multiple of m^ removed (r = c / s_m that of m); the barrier caps
-      # r at 1 / lam, i.e. c at s_m / lam (inf for lam = 0).
-      coefs = jax.tree.map(lambda r, s_a=s_a: r * s_a, ratios)
-      projection_ratio = projection_ratio * (s_a / s_m)
-      if barrier:
-        coefs = jax.tree.map(lambda c, lam=lam: jnp.minimum(c, s_m / lam), coefs)
-        projection_ratio = jnp.minimum(projection_ratio, 1 / lam)
-      if ratio_only:
-        removed = jax.tree.map(lambda c, x: (c / s_m) * x, coefs, g)
-      else:
-        removed = jax.tree.map(lambda c, y: c * y, coefs, m_hat)
-      total = jax.tree.map(lambda t, y, z, lam=lam: t + lam * (y - z), total, a, removed)
-      cosines.append(cosine(am, tree_vdot(a_hat, a_hat), mm))
-      reported.append(jnp.asarray(projection_ratio, jnp.float32))
+    for term, _, _ in terms:
+      total = jax.tree.map(jnp.add, total, term)
     if rescale:
       scale = 1 / (1 + sum(lams))
       total = jax.tree.map(lambda t: scale * t, total)
     direction = jax.tree.map(lambda u, t: t.astype(u.dtype), updates, total)
     pack = jnp.stack if several else (lambda xs: xs[0])
-    new_state = BloopState(ema=new_ema, aux_cosine=pack(cosines),
-                           projection_ratio=pack(reported))
+    new_state = BloopState(ema=new_ema, aux_cosine=pack([c for _, c, _ in terms]),
+                           projection_ratio=pack([r for _, _, r in terms]))
     return direction, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -327,7 +353,7 @@ def pcgrad_ema(
     """``x - min(<m, x> / (||m||^2 + eps), 0) m`` on max-scaled trees (float32)."""
     s_x, x_hat = max_scaled(x)
     s_m, m_hat = max_scaled(m)
-    eps_hat = jnp.where(epsilon > 0, epsilon / s_m / s_m, jnp.zeros_like(s_m))
+    eps_hat = _scaled_eps(epsilon, s_m)
     xm, mm = tree_vdot(x_hat, m_hat), tree_vdot(m_hat, m_hat)
     c = jnp.minimum(xm / nonzero(mm + eps_hat), 0) * s_x  # multiple of m^ removed
     return jax.tree.map(lambda y, z: y - c * z, x, m_hat)
@@ -344,13 +370,7 @@ def pcgrad_ema(
     aux_grads = check_aux_grads("pcgrad", updates, aux_grads)
     g, a = tree_upcast(updates), tree_upcast(aux_grads)
     lam, beta, epsilon = (jnp.asarray(x, jnp.float32) for x in (aux_weight, decay, eps))
-
-    def step(ema: Any, x: Any) -> Any:
-      ema = _first_is(ema, x, ema_init)
-      return jax.tree.map(lambda n, m: n.astype(m.dtype),
-                          optax.tree.update_moment(x, ema, beta, 1), ema)
-
-    m_g, m_a = step(state.ema, g), step(state.aux_ema, a)
+    m_g, m_a = (_ema_step(m, x, beta, ema_init)[1] for m, x in ((state.ema, g), (state.aux_ema, a)))
     pg, pa = project(g, m_a, epsilon), project(a, m_g, epsilon)
     scale = 1 / (1 + lam) if rescale else jnp.ones_like(lam)
     direction = jax.tree.map(lambda u, x, y: (scale * (x + lam * y)).astype(u.dtype),

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optimizers._checks import check_real_floating, check_tree_match
+from optimizers._checks import check_bool, check_real_floating, check_tree_match
 from optimizers._trees import (
     max_scaled,
     nonzero,
@@ -90,8 +90,7 @@ def perp_grad(*, rescale: bool = False) -> optax.GradientTransformationExtraArgs
     Prieto, Barsbey, Mediano, Birdal, `Grokking at the Edge of Numerical
     Stability <https://arxiv.org/abs/2501.04697>`_, ICLR 2025.
   """
-  if not isinstance(rescale, bool):
-    raise ValueError(f"rescale must be a bool, got rescale={rescale!r}.")
+  check_bool("rescale", rescale)
 
   def init_fn(params: optax.Params) -> PerpGradState:
     del params

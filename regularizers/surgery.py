@@ -94,7 +94,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optimizers._checks import check_interval, check_nonnegative, leaf_spec
+from optimizers._checks import check_bool, check_interval, check_nonnegative, leaf_spec
 from optimizers._trees import nonzero, tree_upcast
 from regularizers._aux import check_aux_grads, combine, cosine, main_aux_dots
 from regularizers.bloop import BloopState, PCGradEmaState, bloop, check_ema_init, pcgrad_ema
@@ -150,11 +150,6 @@ class DynamicBarrierState(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
-def _check_flag(name: str, value: Any) -> None:
-  if not isinstance(value, bool):
-    raise ValueError(f"{name} must be a bool, got {name}={value!r}.")
-
-
 def _aux_surgery(
     name: str, aux_weight: Any, state_cls: type, rule: Callable[..., Any], rescale: bool = False
 ) -> optax.GradientTransformationExtraArgs:
@@ -167,7 +162,7 @@ def _aux_surgery(
   ``1 + lam``.
   """
   check_nonnegative("aux_weight", aux_weight)
-  _check_flag("rescale", rescale)
+  check_bool("rescale", rescale)
 
   def init_fn(params: optax.Params) -> Any:
     del params
@@ -312,7 +307,7 @@ def pcgrad(
     check_interval("decay", decay, 0, 1)
     check_nonnegative("eps", eps)
     check_ema_init(ema_init, seed)
-    _check_flag("rescale", rescale)
+    check_bool("rescale", rescale)
     return pcgrad_ema(aux_weight, decay, eps, ema_init, seed, rescale)
   return _aux_surgery("pcgrad", aux_weight, PCGradState, rule, rescale)
 
