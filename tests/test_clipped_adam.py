@@ -7,14 +7,11 @@ import numpy as np
 import optax
 import pytest
 
+from _reference import random_tree
 from optimizers import clip_coordinatewise, clipped_adamw, scale_by_clipped_adam
 
 # Rectangular both ways, a stacked leading axis and a vector.
 SHAPES = {"a": (3, 5), "b": (5, 3), "c": (2, 3, 4), "v": (4,)}
-
-
-def random_tree(rng, scale=1.0, dtype=jnp.float32):
-  return {k: jnp.asarray(scale * rng.standard_normal(s), dtype) for k, s in SHAPES.items()}
 
 
 def flat(tree):
@@ -44,9 +41,9 @@ def reference(grads, params, fraction, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
                          [(0.1, 0.9, 0.999, 0.0), (0.3, 0.8, 0.95, 1e-6)], ids=["k0.1", "k0.3"])
 def test_moments_and_updates_after_three_steps(fraction, b1, b2, eps_root):
   rng = np.random.default_rng(int(100 * fraction))
-  params = random_tree(rng)
+  params = random_tree(rng, SHAPES)
   # Heavy-tailed gradients so that clipping matters.
-  grads = [jax.tree.map(lambda x: x ** 3, random_tree(rng, 2.0)) for _ in range(3)]
+  grads = [jax.tree.map(lambda x: x ** 3, random_tree(rng, SHAPES, scale=2.0)) for _ in range(3)]
   tx = clipped_adamw(0.01, fraction, b1, b2, eps_root=eps_root, weight_decay=0.1)
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -72,8 +69,8 @@ def test_moments_and_updates_after_three_steps(fraction, b1, b2, eps_root):
 
 def test_fraction_zero_is_adamw():
   rng = np.random.default_rng(1)
-  params = random_tree(rng)
-  grads = [random_tree(rng) for _ in range(3)]
+  params = random_tree(rng, SHAPES)
+  grads = [random_tree(rng, SHAPES) for _ in range(3)]
   ours, theirs = clipped_adamw(1e-2, 0.0, weight_decay=0.05), optax.adamw(1e-2, weight_decay=0.05)
   s1, s2 = ours.init(params), theirs.init(params)
   for g in grads:
@@ -84,8 +81,8 @@ def test_fraction_zero_is_adamw():
 
 def test_bf16_zeros_mu_dtype_and_nan():
   rng = np.random.default_rng(2)
-  params = random_tree(rng, dtype=jnp.bfloat16)
-  grads = random_tree(rng, dtype=jnp.bfloat16)
+  params = random_tree(rng, SHAPES, jnp.bfloat16)
+  grads = random_tree(rng, SHAPES, jnp.bfloat16)
   tx = scale_by_clipped_adam(0.2, mu_dtype=jnp.float32)
   state = tx.init(params)
   updates, state = jax.jit(tx.update)(grads, state)

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from _reference import rel_err
 from bench.hlo import collectives
 from optimizers import (
     clip_coordinatewise,
@@ -38,11 +39,6 @@ FNS = {
 SHAPES = [(8, 8, 16), (8, 16), (8, 16), (4, 16, 8), (8, 16, 8), (16, 8)]
 SPECS = [P(None, "data", "model"), P("data", "model"), P("data", "model"), P(None, "model", "data"),
          P("data", None, "model"), P("model", "data")]
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def mesh_of(axis_type, shape=(2, 4)):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _reference import random_tree
 from regularizers import (
     BloopState,
     PCGradEmaState,
@@ -19,11 +20,6 @@ from regularizers import (
 
 # Rectangular both ways, a stacked leading axis and a vector.
 SHAPES = {"a": (3, 5), "b": (5, 3), "c": (2, 3, 4), "v": (4,)}
-
-
-def random_tree(rng, dtype=jnp.float32, scale=1.0):
-  return {k: jnp.asarray(scale * rng.standard_normal(s), jnp.float32).astype(dtype)
-          for k, s in SHAPES.items()}
 
 
 def np64(tree):
@@ -43,11 +39,11 @@ def assert_tree_close(got, want, rtol=1e-5, atol=1e-6):
 def steps(seed, n=4, correlated=True):
   """Main and auxiliary gradients over ``n`` steps (a drifting mean, so the EMA matters)."""
   rng = np.random.default_rng(seed)
-  base_g, base_a = random_tree(rng), random_tree(rng)
+  base_g, base_a = random_tree(rng, SHAPES), random_tree(rng, SHAPES)
   gs, as_ = [], []
   for _ in range(n):
     gs.append({k: v + 0.7 * jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
-               for k, v in base_g.items()} if correlated else random_tree(rng))
+               for k, v in base_g.items()} if correlated else random_tree(rng, SHAPES))
     as_.append({k: v + 0.6 * base_g[k] + 0.5 * jnp.asarray(rng.standard_normal(v.shape),
                                                             jnp.float32)
                 for k, v in base_a.items()})
@@ -256,7 +252,7 @@ def test_dynamic_barrier_over_ema_and_rescale():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_perp_grad_rescale_norm_and_orthogonality(dtype):
   rng = np.random.default_rng(8)
-  w = random_tree(rng, dtype)
+  w = random_tree(rng, SHAPES, dtype)
   # Gradients mostly along the weights (cosine ~0.99): the plain projection is short.
   g = {k: (3.0 * v.astype(jnp.float32) + 0.3 * rng.standard_normal(v.shape)).astype(dtype)
        for k, v in w.items()}
