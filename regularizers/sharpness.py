@@ -99,7 +99,7 @@ class SAMState(NamedTuple):
   perturbation_norm: jax.Array
 
 
-def _check_config(rho: Any, eta: Any, p: Any) -> None:
+def _check_sam_config(rho: Any, eta: Any, p: Any) -> None:
   check_nonnegative("rho", rho)
   check_nonnegative("eta", eta)
   value = concrete_hyperparameter(p, "p")
@@ -221,7 +221,7 @@ def sam_perturbation(
     Array([0.3, 0.4], dtype=float32)
   """
   rho = _default_rho(rho, adaptive)
-  _check_config(rho, eta, p)
+  _check_sam_config(rho, eta, p)
   if adaptive and params is None:
     raise ValueError("sam_perturbation with adaptive=True needs params (T_w = |w| + eta).")
   return _perturbation(grads, params, rho, adaptive, eta, p)[0]
@@ -319,7 +319,7 @@ def sam(
     Learning of Deep Neural Networks <https://arxiv.org/abs/2102.11600>`_, 2021.
   """
   rho = _default_rho(rho, adaptive)
-  _check_config(rho, eta, p)
+  _check_sam_config(rho, eta, p)
 
   def init_fn(params: optax.Params) -> SAMState:
     del params
@@ -431,7 +431,7 @@ def m_sharpness_gradient(
     Generalization <https://arxiv.org/abs/2010.01412>`_, 2021 (section 4.1).
   """
   rho = _default_rho(rho, adaptive)
-  _check_config(rho, eta, p)
+  _check_sam_config(rho, eta, p)
   if not isinstance(num_groups, int) or num_groups < 1:
     raise ValueError(f"num_groups must be a positive int, got num_groups={num_groups!r}.")
   groups_per_pass = num_groups if groups_per_pass is None else groups_per_pass
