@@ -102,10 +102,11 @@ REGISTRY: list[Case] = [
           "on_refresh": "rotate", "mu_dtype": "bfloat16", "nu_dtype": "bfloat16"}),
     Case("dct_adamw_bf16_moments", optimizers.dct_adamw,
          {"learning_rate": 1e-2, "rank": 2, "mu_dtype": "bfloat16", "nu_dtype": "bfloat16"}),
-    Case("scale_by_trion", optimizers.scale_by_trion, {"rank": 2}),
+    # ns_steps is a loop count: static, like rank (never injected)
+    Case("scale_by_trion", optimizers.scale_by_trion, {"rank": 2, "ns_steps": 5}),
     Case("trion", optimizers.trion,
          {"learning_rate": 2e-2, "rank": 3, "weight_decay": 1e-3, "adam_learning_rate": 3e-3,
-          "update_every": 2}),
+          "update_every": 2, "ns_steps": 5}),
     # <<< subspace cases
     # >>> sven cases
     Case("scale_by_sven", optimizers.scale_by_sven, {"rank": 3}, consumes_updates=False),
