@@ -68,7 +68,15 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optimizers._checks import check_real_floating, concrete_hyperparameter, is_static_number
+from optimizers._checks import (
+    check_choice,
+    check_int,
+    check_interval,
+    check_positive,
+    check_real_floating,
+    concrete_hyperparameter,
+    is_static_number,
+)
 
 __all__ = ["ClipCoordinatewiseState", "clip_coordinatewise", "coordinatewise_threshold"]
 
@@ -281,16 +289,9 @@ def _any_sharded(leaves: list[jax.Array]) -> bool:
 
 
 def _check_method(method: str, bisect_steps: int | None) -> None:
-  if method not in _METHODS:
-    raise ValueError(f"method must be one of {_METHODS}, got method={method!r}.")
-  if bisect_steps is not None and (not isinstance(bisect_steps, int) or bisect_steps < 1):
-    raise ValueError(f"bisect_steps must be a positive int or None, got {bisect_steps!r}.")
-
-
-def _check_fraction(fraction: Any) -> None:
-  value = concrete_hyperparameter(fraction, "fraction")
-  if value is not None and not np.all((0 <= value) & (value < 1)):
-    raise ValueError(f"fraction must be in [0, 1), got fraction={fraction}.")
+  check_choice("method", method, _METHODS)
+  if bisect_steps is not None:
+    check_int("bisect_steps", bisect_steps)
 
 
 def coordinatewise_threshold(
@@ -330,7 +331,7 @@ def coordinatewise_threshold(
     (Array(3., dtype=float32), Array(1., dtype=float32))
   """
   _check_method(method, bisect_steps)
-  _check_fraction(fraction)
+  check_interval("fraction", fraction, 0, 1)
   leaves = jax.tree.leaves(updates)
   dtype = _rank_dtype(leaves)
   n = sum(x.size for x in leaves)
@@ -403,13 +404,11 @@ def clip_coordinatewise(
         "clip_coordinatewise needs exactly one of fraction or threshold, got "
         f"fraction={fraction!r}, threshold={threshold!r}."
     )
-  _check_fraction(fraction)
+  check_interval("fraction", fraction, 0, 1)
   value = concrete_hyperparameter(threshold, "threshold")
   if value is not None and not np.all(value > 0):
     raise ValueError(f"threshold must be > 0, got threshold={threshold}.")
-  value = concrete_hyperparameter(scale, "scale")
-  if value is not None and not np.all((value > 0) & np.isfinite(value)):
-    raise ValueError(f"scale must be finite and > 0, got scale={scale}.")
+  check_positive("scale", scale)
   _check_method(method, bisect_steps)
 
   def init_fn(params: optax.Params) -> ClipCoordinatewiseState:
