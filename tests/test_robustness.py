@@ -63,7 +63,8 @@ def nan_enters_state(case: Case) -> bool:
   RMS pre-scaling): a NaN that reaches it stays in the state and in every later update."""
   if case.factory in (regularizers.bloop, optimizers.spectra_adamw, optimizers.dct_adamw,
                       optimizers.online_subspace_descent, optimizers.clipped_adamw,
-                      optimizers.scale_by_clipped_adam):
+                      optimizers.scale_by_clipped_adam, optimizers.trion,
+                      optimizers.scale_by_trion):
     return True
   if case.factory in (regularizers.pcgrad, regularizers.dynamic_barrier):
     return case.kwargs.get("decay") is not None  # EMAs of the gradients
@@ -89,7 +90,8 @@ def largest_finite_input(case: Case) -> float:
   adam_states = (optax.ScaleByAdamState, optimizers.ScaleByClippedAdamState)
   adam = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, adam_states))
           if isinstance(s, adam_states)]
-  return ADAM_HUGE if adam else HUGE
+  trion = case.factory in (optimizers.trion, optimizers.scale_by_trion)  # AdamW leaves
+  return ADAM_HUGE if adam or trion else HUGE
 
 
 # ---------------------------------------------------------------------------
@@ -340,19 +342,28 @@ P = sum(b * m * n for b, m, n in MATRICES) + sum(VECTORS)
 F32, I32, BF16 = 4, 4, 2
 
 
-def _subspace_bytes(rank: int, projector: str, inner_moments: int, side: str = "smaller") -> int:
+def _subspace_bytes(rank: int, projector: str, inner_moments: int, side: str = "smaller",
+                    moment: int = F32) -> int:
   """README: inner moments on the low-rank tree + the projector's per-matrix state."""
   total = 4  # count
   for b, m, n in MATRICES:
     r = min(rank, m, n)
     d = {"smaller": min(m, n), "larger": max(m, n)}[side]
     k = m * n // d
-    total += inner_moments * b * k * r * F32
+    total += inner_moments * b * k * r * moment
     total += {"dct": b * r * I32, "svd": b * d * r * F32, "online_pca": 3 * b * d * r * F32}[
         projector]
-  total += sum(inner_moments * v * F32 for v in VECTORS)
+  total += sum(inner_moments * v * moment for v in VECTORS)
   total += sum({"dct": I32, "svd": F32, "online_pca": 3 * F32}[projector] for _ in VECTORS)
   return total
+
+
+def _trion_bytes(rank: int) -> int:
+  """README: a full-size buffer per matrix + ``r`` int32 indices; AdamW moments for the
+  other leaves; scalar placeholders (nu of a matrix, indices of a vector) and counters."""
+  total = sum(b * m * n * F32 + b * min(rank, m, n) * I32 + F32 for b, m, n in MATRICES)
+  total += sum(2 * v * F32 + I32 for v in VECTORS)
+  return total + 2 * I32  # Adam's count, the subspace's count
 
 
 ADAM_COUNT = 4
@@ -372,6 +383,11 @@ STATE_BYTES = {
     "subspace_svd_reset": _subspace_bytes(2, "svd", 1) + ADAM_COUNT,
     "dct_adamw": _subspace_bytes(2, "dct", 2) + ADAM_COUNT,
     "online_subspace_descent": _subspace_bytes(3, "online_pca", 2) + ADAM_COUNT,
+    "online_subspace_descent_dct_bf16": _subspace_bytes(2, "online_pca", 2, moment=BF16)
+    + ADAM_COUNT,
+    "dct_adamw_bf16_moments": _subspace_bytes(2, "dct", 2, moment=BF16) + ADAM_COUNT,
+    "scale_by_trion": _trion_bytes(2),
+    "trion": _trion_bytes(3) + I32,  # + the two learning rates' step count
     "scale_by_sven": 2 * I32 + 3 * F32 + I32,
     "scale_by_sven_matrix_free": 2 * I32 + 2 * F32 + I32,
     "sven": 2 * I32 + 3 * F32 + I32 + P * F32,
