@@ -31,8 +31,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optimizers._checks import check_choice, check_int, check_interval, check_nonnegative
-from optimizers._moments import check_moment_dtype, scale_by_adam
+from optimizers._checks import (
+  check_choice,
+  check_floating_dtype,
+  check_int,
+  check_interval,
+  check_nonnegative,
+)
+from optimizers._moments import scale_by_adam
 from optimizers._sharding import box_value, is_box
 from optimizers.linalg import NS_COEFFS, orthogonalize
 from optimizers.matrices import MatrixDims, WeightDimensionNumbers, resolve_matrix_dims
@@ -139,8 +145,8 @@ def scale_by_trion(
   check_interval("adam_b1", adam_b1, 0.0, 1.0)
   check_interval("adam_b2", adam_b2, 0.0, 1.0)
   check_nonnegative("adam_eps", adam_eps)
-  mu_dtype = check_moment_dtype("mu_dtype", mu_dtype)
-  nu_dtype = check_moment_dtype("nu_dtype", nu_dtype)
+  mu_dtype = check_floating_dtype("mu_dtype", mu_dtype)
+  nu_dtype = check_floating_dtype("nu_dtype", nu_dtype)
   projector = dct_projector(rank, update_every=update_every, score=score, method=method)
   inner = _orthogonalized(ns_steps, ns_coeffs)
   adam = scale_by_adam(adam_b1, adam_b2, adam_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
