@@ -20,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optimizers._checks import check_bool, check_choice, check_interval, check_nonnegative
+from optimizers._checks import (
+    check_bool,
+    check_choice,
+    check_floating_dtype,
+    check_interval,
+    check_nonnegative,
+)
 from optimizers._trees import compute_dtype, max_scaled, nonzero, tree_upcast, tree_vdot, vdot
 from regularizers._aux import check_aux_grads, cosine, main_aux_dots
 
@@ -35,8 +41,8 @@ class BloopState(NamedTuple):
   """State of :func:`bloop`.
 
   Attributes:
-    ema: the EMA ``m`` of the main gradients, the params' tree in float32
-      (sharded like the params); zeros, or random with ``ema_init="random"``.
+    ema: the EMA ``m`` of the main gradients, the params' tree in float32 or
+      ``ema_dtype`` (sharded like the params); zeros, or random with ``ema_init="random"``.
     aux_cosine: ``<a, m>/(||a|| ||m||)`` (global) of the last auxiliary gradient
       with the EMA used for its projection; 0 when either is zero. float32.
     projection_ratio: the multiple of ``m`` removed from ``a``,
@@ -90,17 +96,18 @@ def check_ema_init(ema_init: str, seed: Any) -> None:
     raise ValueError(f"seed must be an int, got seed={seed!r}.")
 
 
-def _init_ema(params: Any, ema_init: str, seed: int) -> Any:
+def _init_ema(params: Any, ema_init: str, seed: int, dtype: Any = None) -> Any:
   """Zeros (``"zeros"``, ``"grad"``: the first gradient replaces the zero EMA at its
-  first update) or standard normal draws (``"random"``), float32, sharded like ``params``."""
+  first update) or standard normal draws (``"random"``, drawn in float32), sharded like
+  ``params``; stored in ``dtype`` (``None``: float32, or float64 for float64 params)."""
   zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=compute_dtype(p)), params)
-  if ema_init != "random":
-    return zeros
-  leaves, treedef = jax.tree.flatten(zeros)
-  key = jax.random.key(seed)
-  return treedef.unflatten([
-      z + jax.random.normal(jax.random.fold_in(key, i), z.shape, z.dtype)
-      for i, z in enumerate(leaves)])
+  if ema_init == "random":
+    leaves, treedef = jax.tree.flatten(zeros)
+    key = jax.random.key(seed)
+    zeros = treedef.unflatten([
+        z + jax.random.normal(jax.random.fold_in(key, i), z.shape, z.dtype)
+        for i, z in enumerate(leaves)])
+  return zeros if dtype is None else jax.tree.map(lambda z: z.astype(dtype), zeros)
 
 
 def _first_is(ema: Any, g: Any, ema_init: str) -> Any:
@@ -113,9 +120,9 @@ def _first_is(ema: Any, g: Any, ema_init: str) -> Any:
 
 
 def _ema_step(ema: Any, x: Any, beta: jax.Array, ema_init: str) -> tuple[Any, Any]:
-  """``(m, beta m + (1 - beta) x)``, ``m`` the EMA before the step (``x`` itself at the
-  first step with ``ema_init="grad"``); the new EMA in the EMA's dtypes."""
-  ema = _first_is(ema, x, ema_init)
+  """``(m, beta m + (1 - beta) x)``, ``m`` the stored EMA upcast to float32 (``x`` itself at
+  the first step with ``ema_init="grad"``); both in float32 (float64 for float64 EMAs)."""
+  ema = _first_is(tree_upcast(ema), x, ema_init)
   new = jax.tree.map(lambda n, m: n.astype(m.dtype), optax.tree.update_moment(x, ema, beta, 1),
                      ema)
   return ema, new
@@ -189,6 +196,7 @@ def bloop(
     rescale: bool = False,
     ratio_only: bool = False,
     barrier: bool = False,
+    ema_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bloop: the auxiliary gradient projected off an EMA of the main gradients.
 
@@ -254,6 +262,9 @@ def bloop(
     rescale: divide the direction by ``1 + lam``.
     ratio_only: remove ``r g`` instead of ``r m``.
     barrier: cap ``r`` at ``1 / lam`` (one auxiliary loss only).
+    ema_dtype: the dtype the EMA is stored in (``None``: float32). With
+      ``jnp.bfloat16`` the EMA takes half the bytes; it is upcast to float32 for
+      the update and the projection, and only the stored result is rounded.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
@@ -284,6 +295,7 @@ def bloop(
   check_choice("projection", projection, _PROJECTIONS)
   check_choice("ema_order", ema_order, _EMA_ORDERS)
   check_ema_init(ema_init, seed)
+  ema_dtype = check_floating_dtype("ema_dtype", ema_dtype)
   for name, flag in (("rescale", rescale), ("ratio_only", ratio_only), ("barrier", barrier)):
     check_bool(name, flag)
   if barrier and several:
@@ -292,7 +304,7 @@ def bloop(
 
   def init_fn(params: optax.Params) -> BloopState:
     zero = jnp.zeros([len(weights)] if several else [], jnp.float32)
-    return BloopState(ema=_init_ema(params, ema_init, seed), aux_cosine=zero,
+    return BloopState(ema=_init_ema(params, ema_init, seed, ema_dtype), aux_cosine=zero,
                       projection_ratio=zero)
 
   def update_fn(
@@ -323,7 +335,8 @@ def bloop(
       total = jax.tree.map(lambda t: scale * t, total)
     direction = jax.tree.map(lambda u, t: t.astype(u.dtype), updates, total)
     pack = jnp.stack if several else (lambda xs: xs[0])
-    new_state = BloopState(ema=new_ema, aux_cosine=pack([c for _, c, _ in terms]),
+    stored = jax.tree.map(lambda n, m: n.astype(m.dtype), new_ema, state.ema)
+    new_state = BloopState(ema=stored, aux_cosine=pack([c for _, c, _ in terms]),
                            projection_ratio=pack([r for _, _, r in terms]))
     return direction, new_state
 

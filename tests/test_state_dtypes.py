@@ -78,3 +78,35 @@ def test_non_floating_dtype_rejected(make, arg):
   for bad in ("int32", jnp.int8, "complex64"):
     with pytest.raises(ValueError, match=arg):
       make(bad)
+
+
+def test_bloop_ema_dtype_stores_low_and_updates_in_float32():
+  params = _params(3)
+  f32 = regularizers.bloop(0.5, decay=0.9)
+  bf16 = regularizers.bloop(0.5, decay=0.9, ema_dtype=jnp.bfloat16)
+  s32, s16 = f32.init(params), bf16.init(params)
+  assert {x.dtype for x in jax.tree.leaves(s16.ema)} == {jnp.dtype(jnp.bfloat16)}
+  assert _bytes(s16.ema) / _bytes(s32.ema) == 0.5
+  rng = np.random.default_rng(4)
+  draw = lambda: jax.tree.map(
+      lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+  for _ in range(3):
+    g, a = draw(), draw()
+    # The bf16 step equals the float32 step taken from the stored EMA upcast to float32,
+    # and the new EMA is that float32 EMA rounded once.
+    from_stored = s16._replace(ema=jax.tree.map(lambda m: m.astype(jnp.float32), s16.ema))
+    u_ref, s_ref = f32.update(g, from_stored, aux_grads=a)
+    u16, s16 = bf16.update(g, s16, aux_grads=a)
+    assert {x.dtype for x in jax.tree.leaves(s16.ema)} == {jnp.dtype(jnp.bfloat16)}
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), u16, u_ref)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(
+        np.asarray(x, np.float32), np.asarray(y.astype(jnp.bfloat16), np.float32)),
+        s16.ema, s_ref.ema)
+    u32, s32 = f32.update(g, s32, aux_grads=a)
+    # and stays close to the all-float32 run
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-2, atol=2e-2), u16, u32)
+
+
+def test_bloop_ema_dtype_rejects_non_floating():
+  with pytest.raises(ValueError, match="ema_dtype"):
+    regularizers.bloop(0.5, ema_dtype=jnp.int32)
