@@ -116,35 +116,49 @@ The incoming ``updates`` are not used for the direction (only for the output
 dtypes): Sven reads the residuals and ``params`` instead.
 """
 
+
 from __future__ import annotations
 
-import collections
-import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.extend
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optimizers._checks import check_real_floating, reject_masked_nodes
+from optimizers._checks import (
+  check_bool,
+  check_choice,
+  check_int,
+  check_real_floating,
+  reject_masked_nodes,
+)
+from optimizers._sven_ghost import (
+  _analyse,
+  _batch_size,
+  _declared_flags,
+  _example_out_size,
+  _leaf_names,
+  _trace,
+)
+from optimizers._sven_steps import (
+  _choose_method,
+  _complete_step,
+  _draw_reductions,
+  _ghost_step,
+  _is_scaled,
+  _materialised_step,
+  _materialises,
+  _operator_step,
+  _Options,
+  _problem,
+  _separable_analysis,
+)
 from optimizers._trees import tree_upcast
 
 __all__ = ["ScaleBySvenState", "scale_by_sven", "sven", "sven_leaf_paths"]
 
 _METHODS = ("auto", "gram", "svd", "matrix_free")
-# Singular values at or below this are always dropped (the reference's pinv default).
-_ABS_TOL = 1e-10
-# A second Gram pass runs when eps * lambda_0 > _GRAM_TOL * (smallest kept eigenvalue).
-_GRAM_TOL = 1e-5
-_HIGHEST = jax.lax.Precision.HIGHEST
-# Extra test vectors of the randomized subspace iteration when oversampling=None.
-_OVERSAMPLING = 4
-# Added to the denominator of the Polyak step (as the reference's Polyak rule).
-_POLYAK_EPS = 1e-8
 
 
 class ScaleBySvenState(NamedTuple):
@@ -169,160 +183,15 @@ class ScaleBySvenState(NamedTuple):
   step_size: jax.Array
 
 
-def _replicated() -> jax.sharding.PartitionSpec | None:
-  """Out-sharding for contractions over (possibly sharded) parameter axes."""
-  return None if jax.sharding.get_abstract_mesh().empty else jax.sharding.PartitionSpec()
-
-
-def _gram_of_blocks(blocks: Any) -> jax.Array:
-  """``M M^T = sum_l M_l M_l^T`` from per-leaf Jacobian blocks ``(B, *leaf_shape)``.
-
-  Without a mesh each block is viewed as a ``(B, P_l)`` matrix (XLA's CPU dot runs a
-  plain 2-D product markedly faster than the multi-axis contraction); on an explicit
-  mesh the contraction keeps the leaf's own axes (and shardings).
-  """
-  rep = _replicated()
-  if rep is None:
-    mats = [jnp.reshape(j, (j.shape[0], -1)) for j in jax.tree.leaves(blocks)]
-    terms = [jnp.matmul(m, m.T, precision=_HIGHEST) for m in mats]
-  else:
-    terms = [jnp.einsum("b...,c...->bc", j, j, precision=_HIGHEST, out_sharding=rep)
-             for j in jax.tree.leaves(blocks)]
-  return sum(terms[1:], terms[0])
-
-
-def _rotated_gram_of_blocks(t: jax.Array, blocks: Any) -> jax.Array:
-  """``(T^T M)(T^T M)^T`` from the per-leaf blocks, without an explicit mesh a block of
-  columns at a time (the rotated rows never exist whole)."""
-  if _replicated() is not None:
-    return _gram_of_blocks(_rotate_blocks(t, blocks))
-  c = t.shape[1]
-  width = max(1, (1 << 18) // max(1, c))  # columns per chunk: ~1 MiB of rotated rows
-  total = jnp.zeros((c, c), t.dtype)
-
-  def gram(x):
-    y = jnp.matmul(t.T, x, precision=_HIGHEST)
-    return jnp.matmul(y, y.T, precision=_HIGHEST)
-
-  for j in jax.tree.leaves(blocks):
-    m = jnp.reshape(j, (j.shape[0], -1))
-    cols = m.shape[1]
-    full = cols // width
-    if full > 1:
-      total = jax.lax.fori_loop(
-          0, full, lambda i, acc, m=m: acc + gram(
-              jax.lax.dynamic_slice_in_dim(m, i * width, width, axis=1)), total)
-      if cols % width:
-        total = total + gram(m[:, full * width:])
-    else:
-      total = total + gram(m)
-  return total
-
-
-def _rotate_blocks(t: jax.Array, blocks: Any) -> Any:
-  """Per-leaf rows of ``T^T M``."""
-  return jax.tree.map(lambda j: jnp.einsum("bc,b...->c...", t, j, precision=_HIGHEST), blocks)
-
-
-def _blocks_transpose_times(blocks: Any, w: jax.Array) -> Any:
-  """``M^T w`` per leaf."""
-  if _replicated() is None:
-    return jax.tree.map(
-        lambda j: jnp.matmul(w, jnp.reshape(j, (j.shape[0], -1)),
-                             precision=_HIGHEST).reshape(j.shape[1:]), blocks)
-  return jax.tree.map(lambda j: jnp.einsum("b,b...->...", w, j, precision=_HIGHEST,
-                                           out_sharding=_trailing_spec(j)), blocks)
-
-
-def _trailing_spec(j: jax.Array) -> jax.sharding.PartitionSpec:
-  """The sharding of ``j`` without its leading (row) axis, on an explicit mesh."""
-  return jax.sharding.PartitionSpec(*tuple(jax.typeof(j).sharding.spec)[1:])
-
-
-def _sorted_eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Eigenpairs of the symmetric part of ``a``, eigenvalues descending."""
-  lam, u = jnp.linalg.eigh(0.5 * (a + a.T))
-  return lam[::-1], u[:, ::-1]
-
-
-def _keep_mask(s: jax.Array, rank: int, rtol: jax.Array) -> jax.Array:
-  """Top ``rank`` of descending ``s`` with ``s > rtol * s_0`` and ``s > 1e-10``."""
-  idx = jnp.arange(s.shape[0])
-  return (idx < rank) & (s > rtol * s[0]) & (s > _ABS_TOL)
-
-
-def _pinv_weights(u: jax.Array, s: jax.Array, keep: jax.Array, r: jax.Array) -> jax.Array:
-  """``w = U_k S_k^{-2} U_k^T r``, so that ``M^T w = V_k S_k^{-1} U_k^T r``."""
-  inv2 = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0) ** 2, 0.0)
-  return jnp.matmul(u, inv2 * jnp.matmul(r, u, precision=_HIGHEST), precision=_HIGHEST)
-
-
-def _refine(lam, u, rotated_gram: Callable[[jax.Array], jax.Array]):
-  """Second Gram pass in the whitened eigenbasis of the first; returns ``(U_M, S_M)``.
-
-  ``u`` (``B x n``, orthonormal columns, ``n <= B``) and ``lam`` are eigenpairs
-  of ``G = M M^T`` (or of its restriction to ``span(u)``). With
-  ``T = u diag(max(lam, eps lam_0))^{-1/2}``, ``rotated_gram(T)`` must return
-  ``(T^T M)(T^T M)^T`` computed from the rotated rows (so its rounding is
-  relative to the whitened scale) or as ``T^T (G T)`` from operator products.
-  ``u u^T M = u diag(1/d) W Mu^{1/2} Q^T`` with orthonormal ``Q``, so the SVD of
-  the ``B x n`` factor gives the singular pairs of ``u u^T M``.
-  """
-  eps = jnp.finfo(lam.dtype).eps
-  floor = jnp.maximum(eps * lam[0], jnp.finfo(lam.dtype).tiny)
-  scale = jnp.sqrt(jnp.maximum(lam, floor))  # 1 / d
-  mu, w = _sorted_eigh(rotated_gram(u / scale))
-  factor = jnp.matmul(u * scale, w * jnp.sqrt(jnp.maximum(mu, 0.0)), precision=_HIGHEST)
-  u_m, s_m, _ = jnp.linalg.svd(factor, full_matrices=False)
-  return u_m, s_m
-
-
-def _spectrum(lam, u, rank, rtol, rotated_gram):
-  """Singular pairs ``(U, S)`` of ``M`` from eigenpairs ``(lam desc, u)`` of ``G = M M^T``.
-
-  Refines with :func:`_refine` (under ``lax.cond``) when the kept spectrum is
-  wider than the working precision resolves through ``G``.
-  """
-  s = jnp.sqrt(jnp.maximum(lam, 0.0))
-  keep = _keep_mask(s, rank, rtol)
-  lam_min_kept = jnp.min(jnp.where(keep, lam, jnp.inf))
-  eps = jnp.finfo(lam.dtype).eps
-  refine = jnp.any(keep) & (eps * lam[0] > _GRAM_TOL * lam_min_kept)
-  return jax.lax.cond(refine, lambda: _refine(lam, u, rotated_gram), lambda: (u, s))
-
-
-def _gram_times(jvp_fn, mt_fn, c: jax.Array, chunk: int) -> jax.Array:
-  """``G C = M (D^2 M^T C)`` for ``C`` of shape ``(B, m)``, ``chunk`` columns at a time.
-
-  The columns are zero-padded to a multiple of ``chunk`` so that a single loop body
-  (one vmapped VJP + JVP) is compiled.
-  """
-  num, m = c.shape
-  steps = -(-m // chunk)
-  cols = jnp.pad(c.T, ((0, steps * chunk - m), (0, 0))).reshape(steps, chunk, num)
-  out = jax.lax.map(jax.vmap(lambda v: jvp_fn(mt_fn(v))), cols)
-  return out.reshape(steps * chunk, num)[:m].T
-
-
-def _diagnostics(s: jax.Array, keep: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-  kept = jnp.where(keep, s, 0.0).astype(jnp.float32)
-  n = kept.shape[0]
-  kept = kept[:rank] if n >= rank else jnp.concatenate([kept, jnp.zeros(rank - n, jnp.float32)])
-  return kept, jnp.sum(keep).astype(jnp.int32)
-
 
 def _check_config(rank, rtol, method, microbatch_size, rms_decay, rms_eps, power_iterations,
                   oversampling) -> None:
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-    raise ValueError(f"rank must be a Python int >= 1, got {rank!r}")
+  check_int("rank", rank)
   if isinstance(rtol, (int, float)) and not rtol >= 0:
     raise ValueError(f"rtol must be >= 0, got {rtol!r}")
-  if method not in _METHODS:
-    raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-  if microbatch_size is not None and (
-      isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int)
-      or microbatch_size < 1):
-    raise ValueError(f"microbatch_size must be None or a Python int >= 1, got {microbatch_size!r}")
+  check_choice("method", method, _METHODS)
+  if microbatch_size is not None:
+    check_int("microbatch_size", microbatch_size)
   if method == "svd" and microbatch_size is not None:
     raise ValueError("microbatch_size is not supported with method='svd' (it needs the full "
                      "Jacobian); use method='gram'")
@@ -332,9 +201,8 @@ def _check_config(rank, rtol, method, microbatch_size, rms_decay, rms_eps, power
     raise ValueError(f"rms_eps must be > 0, got {rms_eps!r}")
   if isinstance(power_iterations, int) and power_iterations < 0:
     raise ValueError(f"power_iterations must be >= 0, got {power_iterations!r}")
-  if oversampling is not None and (
-      isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0):
-    raise ValueError(f"oversampling must be None or a Python int >= 0, got {oversampling!r}")
+  if oversampling is not None:
+    check_int("oversampling", oversampling, minimum=0)
 
 
 def _check_options(nu_dtype, ghost, polyak, polyak_f_star, polyak_max, row_fraction,
@@ -344,8 +212,7 @@ def _check_options(nu_dtype, ghost, polyak, polyak_f_star, polyak_max, row_fract
   if nu_dtype is not None and rms_decay is None:
     raise ValueError("nu_dtype needs rms_decay (there is no nu state without it)")
   for name, flag in (("ghost", ghost), ("polyak", polyak), ("mask_by_block", mask_by_block)):
-    if not isinstance(flag, bool):
-      raise ValueError(f"{name} must be a bool, got {flag!r}")
+    check_bool(name, flag)
   if isinstance(polyak_max, (int, float)) and not polyak_max > 0:
     raise ValueError(f"polyak_max must be > 0, got {polyak_max!r}")
   if not isinstance(polyak_f_star, (int, float, jax.Array)):
@@ -354,11 +221,8 @@ def _check_options(nu_dtype, ghost, polyak, polyak_f_star, polyak_max, row_fract
     if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float))
                              or not 0 < frac <= 1):
       raise ValueError(f"{name} must be None or a Python float in (0, 1], got {frac!r}")
-  if row_group_size is not None and (isinstance(row_group_size, bool)
-                                     or not isinstance(row_group_size, int)
-                                     or row_group_size < 1):
-    raise ValueError(f"row_group_size must be None or a Python int >= 1, got "
-                     f"{row_group_size!r}")
+  if row_group_size is not None:
+    check_int("row_group_size", row_group_size)
   if row_fraction is not None and row_group_size is not None:
     raise ValueError("row_fraction and row_group_size cannot be combined (choose one way of "
                      "reducing the rows)")
@@ -366,73 +230,23 @@ def _check_options(nu_dtype, ghost, polyak, polyak_f_star, polyak_max, row_fract
     raise ValueError("mask_by_block needs param_fraction (the fraction of parameters kept)")
 
 
-class _Rows(NamedTuple):
-  """The row reduction ``R' = A R`` (random row mask or group means) and its transpose."""
-
-  apply: Callable[[jax.Array], jax.Array]  # (n, ...) -> (m, ...)
-  transpose: Callable[[jax.Array], jax.Array]  # (m,) -> (n,)
-  count: int | jax.Array  # rows that take part (for means)
-
-
-def _row_reduction(num: int, row_fraction, row_group_size, key) -> _Rows | None:
-  if row_group_size is not None:
-    if num % row_group_size:
-      raise ValueError(f"row_group_size={row_group_size} must divide the number of residual "
-                       f"rows ({num})")
-    g = row_group_size
-    m = num // g
-    apply = lambda x: jnp.mean(x.reshape((m, g) + x.shape[1:]), axis=1)
-    transpose = lambda w: jnp.repeat(w / g, g, axis=0)
-    return _Rows(apply, transpose, m)
-  if row_fraction is not None:
-    keep = max(1, int(row_fraction * num))
-    mask = jnp.zeros((num,), jnp.float32).at[jax.random.permutation(key, num)[:keep]].set(1.0)
-
-    def apply(x):
-      return x * mask.reshape((num,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-
-    return _Rows(apply, lambda w: w * mask.astype(w.dtype), keep)
-  return None
-
-
-def _param_mask(key, params, fraction: float, by_block: bool):
-  """0/1 masks (same tree as params) keeping ``int(fraction * P)`` entries.
-
-  Elementwise: a uniformly random subset. By block: the leaves in a random order, each
-  taken whole until the next would reach the target, which is then taken in part (its
-  first entries in row-major order), as the Sven authors' code does.
-  """
-  leaves, treedef = jax.tree.flatten(params)
-  sizes = np.array([math.prod(p.shape) for p in leaves], np.int64)
-  total = int(sizes.sum())
-  target = int(fraction * total)
-  if by_block:
-    order = jax.random.permutation(key, len(leaves))
-    before = jnp.cumsum(jnp.asarray(sizes)[order]) - jnp.asarray(sizes)[order]
-    start = jnp.zeros(len(leaves), before.dtype).at[order].set(before)
-    masks = [(jnp.arange(int(s)) < jnp.clip(target - start[i], 0, int(s))).reshape(p.shape)
-             for i, (s, p) in enumerate(zip(sizes, leaves, strict=True))]
-  else:
-    flat = jnp.zeros((total,), bool).at[jax.random.permutation(key, total)[:target]].set(True)
-    bounds = np.cumsum(sizes)[:-1]
-    masks = [m.reshape(p.shape) for m, p in zip(jnp.split(flat, bounds), leaves, strict=True)]
-  return jax.tree.unflatten(treedef, [m.astype(jnp.float32) for m in masks])
-
-
-def _polyak(u, s, keep, r, count, f_star, max_step):
-  """``eta = clip((mean R - f*) / (mean U_k U_k^T R + eps), 0, max)``.
-
-  ``mean U_k U_k^T R = g . delta`` with ``g = M^T 1 / m`` the gradient of the mean
-  residual and ``delta`` the direction: the step length at which the linearised mean
-  residual reaches ``f*`` (the reference's Polyak rule with the Sven direction in
-  place of the gradient).
-  """
-  proj = jnp.matmul(u, jnp.where(keep, jnp.matmul(r, u, precision=_HIGHEST), 0.0),
-                    precision=_HIGHEST)
-  den = jnp.sum(proj) / count
-  num = jnp.sum(r) / count - f_star
-  eta = jnp.where(den > 0, num / (den + _POLYAK_EPS), 0.0)
-  return jnp.clip(eta, 0.0, max_step).astype(jnp.float32)
+def _check_update_args(updates, params, residual_fn, example_residual_fn, batch) -> None:
+  """The keyword arguments of ``update``: one residual form, params, real leaves."""
+  if (residual_fn is None) == (example_residual_fn is None):
+    raise ValueError("scale_by_sven requires exactly one of the keyword arguments "
+                     "residual_fn(params) -> (B,) or example_residual_fn(params, example) "
+                     "(with batch)")
+  if example_residual_fn is not None and batch is None:
+    raise ValueError("example_residual_fn needs the keyword argument batch (a pytree of "
+                     "arrays with a leading example axis)")
+  if residual_fn is not None and batch is not None:
+    raise ValueError("batch goes with example_residual_fn, not with residual_fn")
+  if params is None:
+    raise ValueError("scale_by_sven requires params (the residuals are differentiated at "
+                     "params)")
+  reject_masked_nodes(params, owner="scale_by_sven", reason="residual_fn needs the full params.")
+  check_real_floating(params, owner="scale_by_sven", name="params")
+  check_real_floating(updates, owner="scale_by_sven")
 
 
 def scale_by_sven(
@@ -573,6 +387,9 @@ def scale_by_sven(
   _check_options(nu_dtype, ghost, polyak, polyak_f_star, polyak_max, row_fraction,
                  row_group_size, param_fraction, mask_by_block, rms_decay)
   store = jnp.float32 if nu_dtype is None else jnp.dtype(nu_dtype)
+  opts = _Options(rank, rtol, method, microbatch_size, rms_decay, rms_eps, store,
+                  power_iterations, oversampling, ghost, dense_leaves, polyak, polyak_f_star,
+                  polyak_max, row_fraction, row_group_size, param_fraction, mask_by_block)
 
   def init_fn(params):
     nu = () if rms_decay is None else jax.tree.map(
@@ -590,226 +407,28 @@ def scale_by_sven(
   def update_fn(updates, state, params=None, *, residual_fn=None, example_residual_fn=None,
                 batch=None, **extra_args):
     del extra_args
-    if (residual_fn is None) == (example_residual_fn is None):
-      raise ValueError("scale_by_sven requires exactly one of the keyword arguments "
-                       "residual_fn(params) -> (B,) or example_residual_fn(params, example) "
-                       "(with batch)")
-    if example_residual_fn is not None and batch is None:
-      raise ValueError("example_residual_fn needs the keyword argument batch (a pytree of "
-                       "arrays with a leading example axis)")
-    if residual_fn is not None and batch is not None:
-      raise ValueError("batch goes with example_residual_fn, not with residual_fn")
-    if params is None:
-      raise ValueError("scale_by_sven requires params (the residuals are differentiated at "
-                       "params)")
-    reject_masked_nodes(params, owner="scale_by_sven", reason="residual_fn needs the full params.")
-    check_real_floating(params, owner="scale_by_sven", name="params")
-    check_real_floating(updates, owner="scale_by_sven")
+    _check_update_args(updates, params, residual_fn, example_residual_fn, batch)
     if not jax.tree.leaves(params):  # nothing to optimise: an empty step
       return updates, state
     params_c = tree_upcast(params)
-    separable = example_residual_fn is not None
-    if separable:
-      num_examples = _batch_size(batch)
-      t_out = _example_out_size(example_residual_fn, params_c, batch)
-      num_res = num_examples * t_out
-
-      def whole_fn(p):
-        out = jax.vmap(lambda ex: jnp.reshape(example_residual_fn(p, ex), (-1,)))(batch)
-        return out.reshape(num_res)
-    else:
-      out_shape = jax.eval_shape(residual_fn, params_c)
-      if not hasattr(out_shape, "shape") or len(out_shape.shape) != 1 or out_shape.shape[0] < 1:
-        raise ValueError("residual_fn must return a 1-D array of per-sample residuals, got "
-                         f"{out_shape}")
-      num_res = out_shape.shape[0]
-      whole_fn = residual_fn
-    num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params_c))
-
-    key, nu = state.key, state.nu
-    if row_fraction is not None or param_fraction is not None:
-      key, draw = jax.random.split(key)
-    rows = _row_reduction(num_res, row_fraction, row_group_size,
-                          jax.random.fold_in(draw, 0) if row_fraction is not None else None)
-    num_kept = num_res if rows is None else rows.count
-    row_apply = (lambda x: x) if rows is None else rows.apply
-    row_t = (lambda w: w) if rows is None else rows.transpose
-    pmask = None if param_fraction is None else _param_mask(
-        jax.random.fold_in(draw, 1), params_c, param_fraction, mask_by_block)
-    scaled = rms_decay is not None or pmask is not None
-
-    def scaling(mean_grad):
-      """``(nu, D)``: the new EMA and the column scaling (RMS times mask), or D None."""
-      new_nu, d = nu, None
-      if rms_decay is not None:
-        new_nu, d = _rms(nu, mean_grad, rms_decay, rms_eps)
-      if pmask is not None:
-        d = pmask if d is None else jax.tree.map(jnp.multiply, d, pmask)
-      return new_nu, d
-
-    materialise = method in ("gram", "svd", "auto") and (
-        microbatch_size is None or microbatch_size >= num_res)
-    chosen = method
-    if method == "auto":
-      chosen = "svd" if materialise and num_params <= 2 * num_res else "gram"
-
+    problem = _problem(params_c, residual_fn, example_residual_fn, batch)
+    draw = _draw_reductions(state.key, problem.num_res, params_c, opts)
+    materialise = _materialises(opts, problem)
+    chosen = _choose_method(opts, problem, materialise)
     analysis = None
-    if separable and materialise:
-      flat = jax.tree.leaves(params_c)
-      names = _leaf_names(params_c)
-      analysis = _analyse(_trace(example_residual_fn, params_c, batch), len(flat),
-                          ghost and chosen == "gram" and not scaled,
-                          _declared_flags(dense_leaves, params_c, len(flat)), names)
-
-    if analysis is not None and analysis.dense:  # ghost Gram + per-example rows for the rest
-      leaves, treedef = jax.tree.flatten(params_c)
-      r, free_rows, acts, cots = _per_example_pass(analysis, leaves, batch, t_out)
-      uses = list(analysis.dense.values())
-      factors = [_ghost_factors(u, a, c) for u, a, c in zip(uses, acts, cots, strict=True)]
-      grams = [_ghost_gram(a, g) for a, g in factors]
-      if free_rows:
-        grams.append(_gram_of_blocks(free_rows))
-      g = sum(grams[1:], grams[0])
-      if rows is not None:
-        g = rows.apply(rows.apply(g).T).T
-      r_used = row_apply(r)
-
-      def rotated_gram(t):  # (T^T M)(T^T M)^T from rotated rows, dense leaves in chunks
-        t = jax.vmap(row_t, in_axes=1, out_axes=1)(t)
-        terms = [_ghost_rotated_gram(a, gc, t) for a, gc in factors]
-        if free_rows:
-          terms.append(_rotated_gram_of_blocks(t, free_rows))
-        return sum(terms[1:], terms[0])
-
-      u, s = _spectrum(*_sorted_eigh(g), rank, rtol, rotated_gram)
-      check = g
-      keep = _keep_mask(s, rank, rtol)
-      w = row_t(_pinv_weights(u, s, keep, r_used))
-      out = [None] * len(leaves)
-      for use, (a, gc) in zip(uses, factors, strict=True):
-        out[use.leaf] = _ghost_transpose_times(use, leaves[use.leaf], a, gc, w)
-      for i, rws in zip(free_rows, _blocks_transpose_times(list(free_rows.values()), w),
-                        strict=True):
-        out[i] = rws
-      delta = jax.tree.unflatten(treedef, out)
-      d = None
+    if problem.separable and materialise:  # the ghost Gram needs "gram" and no scaling
+      analysis = _separable_analysis(problem, params_c, opts,
+                                     ghost=chosen == "gram" and not _is_scaled(opts, draw))
+    if analysis is not None and analysis.dense:
+      step = _ghost_step(analysis, params_c, problem, draw, state.nu, opts)
     elif materialise:
-      if separable:
-        leaves, treedef = jax.tree.flatten(params_c)
-        if analysis is None:
-          analysis = _Analysis(_trace(example_residual_fn, params_c, batch), {}, {}, {}, set())
-        r, free_rows, _, _ = _per_example_pass(analysis, leaves, batch, t_out)
-        blocks = jax.tree.unflatten(treedef, [free_rows[i] for i in range(len(leaves))])
-      else:
-        r, blocks = _jacobian(residual_fn, params_c, num_res, num_params)
-      nu, d = scaling(jax.tree.map(lambda j: jnp.mean(j, axis=0), blocks)) if scaled else (nu,
-                                                                                          None)
-      if d is not None:
-        blocks = jax.tree.map(lambda j, dl: j * dl.astype(j.dtype), blocks, d)
-      if rows is not None:
-        blocks = jax.tree.map(rows.apply, blocks)
-      r_used = row_apply(r)
-      m_rows = r_used.shape[0]
-      if chosen == "svd":
-        m = jnp.concatenate(
-            [jnp.reshape(j, (m_rows, -1), out_sharding=_replicated())
-             for j in jax.tree.leaves(blocks)], axis=1)
-        u, s, _ = jnp.linalg.svd(m, full_matrices=False)
-        check = m
-      else:
-        g = _gram_of_blocks(blocks)
-        u, s = _spectrum(*_sorted_eigh(g), rank, rtol,
-                         lambda t: _rotated_gram_of_blocks(t, blocks))
-        check = g
-      keep = _keep_mask(s, rank, rtol)
-      delta = _blocks_transpose_times(blocks, _pinv_weights(u, s, keep, r_used))
+      step = _materialised_step(analysis, params_c, problem, draw, state.nu, chosen, opts)
     else:
-      r, jvp_fn = jax.linearize(whole_fn, params_c)
-      vjp_fn = jax.linear_transpose(jvp_fn, params_c)
-      mt = lambda v: vjp_fn(v)[0]
-      d = None
-      if scaled:
-        mean_grad = mt(jnp.full_like(r, 1.0 / num_res)) if rms_decay is not None else None
-        nu, d = scaling(mean_grad)
-        d2 = jax.tree.map(lambda dl: dl * dl, d)
-        mt = lambda v, mt=mt: jax.tree.map(lambda x, dl: x * dl.astype(x.dtype), mt(v), d2)
-      if rows is not None:
-        jvp0, mt0 = jvp_fn, mt
-        jvp_fn = lambda t, jvp0=jvp0: row_apply(jvp0(t))
-        mt = lambda v, mt0=mt0: mt0(row_t(v))
-      r_used = row_apply(r)
-      m_rows = r_used.shape[0]
-      eye = jnp.eye(m_rows, dtype=r.dtype)
-      chunk = (microbatch_size or 1) if chosen == "matrix_free" else microbatch_size
-      gram_times = lambda c: _gram_times(jvp_fn, mt, c, chunk)
-      sub = min(m_rows, rank + (_OVERSAMPLING if oversampling is None else oversampling))
-      if chosen == "matrix_free" and sub < m_rows:
-        key, draw_mf = jax.random.split(key)
-        lam, u, check = _subspace_iteration(gram_times, draw_mf, m_rows, sub, power_iterations,
-                                            r.dtype)
-      else:  # the whole of G from B products
-        check = gram_times(eye)
-        lam, u = _sorted_eigh(check)
-      u, s = _spectrum(lam, u, rank, rtol,
-                       lambda t: jnp.matmul(t.T, gram_times(t), precision=_HIGHEST))
-      keep = _keep_mask(s, rank, rtol)
-      delta = mt(_pinv_weights(u, s, keep, r_used))
-      d = None  # mt already carries D^2 = D (D pinv(M D) R = D^2 M^T w)
-
-    if d is not None:
-      delta = jax.tree.map(lambda x, dl: x * dl.astype(x.dtype), delta, d)
-    step_size = state.step_size
-    if polyak:
-      step_size = _polyak(u, s, keep, r_used, num_kept, polyak_f_star, polyak_max)
-      delta = jax.tree.map(lambda x: x * step_size.astype(x.dtype), delta)
-    finite = jnp.all(jnp.isfinite(r)) & jnp.all(jnp.isfinite(check))
-    delta = jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), delta)
-    delta = jax.tree.map(lambda x, ref: x.astype(ref.dtype), delta,
-                         params if updates is None else updates)
-    if rms_decay is not None:
-      nu = jax.tree.map(lambda v: v.astype(store), nu)
-    singular_values, effective_rank = _diagnostics(s, keep, rank)
-    return delta, ScaleBySvenState(key, singular_values, effective_rank, nu, step_size)
+      step = _operator_step(params_c, problem, draw, state.nu, chosen, opts)
+    delta, *fields = _complete_step(step, updates, params, state.step_size, draw, problem, opts)
+    return delta, ScaleBySvenState(*fields)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _jacobian(residual_fn, params, num_res: int, num_params: int):
-  """``(R, blocks)``: residuals and per-leaf Jacobian blocks ``(B, *leaf_shape)``.
-
-  Reverse mode (a vmap of ``B`` VJPs) unless there are fewer parameters than
-  residuals, then forward mode (``P`` JVPs).
-  """
-  def with_aux(p):
-    r = residual_fn(p)
-    return r, r
-
-  jac = jax.jacfwd if num_params < num_res else jax.jacrev
-  blocks, r = jac(with_aux, has_aux=True)(params)
-  return r, blocks
-
-
-def _rms(nu, mean_grad, decay, eps):
-  """EMA of the squared mean gradient and the pre-scaling ``D = 1 / (sqrt(nu) + eps)``."""
-  nu = jax.tree.map(
-      lambda v, g: decay * v.astype(jnp.float32)
-      + (1.0 - decay) * jnp.square(g.astype(jnp.float32)), nu, mean_grad)
-  d = jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v) + eps), nu)
-  return nu, d
-
-
-def _subspace_iteration(gram_times, key, num_res: int, sub: int, power_iterations: int, dtype):
-  """Top eigenpairs of PSD ``G`` (``B x B``) from products ``G C`` only.
-
-  Randomized subspace iteration with QR re-orthonormalisation, then
-  Rayleigh-Ritz on the ``sub``-dimensional basis ``Q``: ``Q^T G Q = W Mu W^T``,
-  eigenvectors ``Q W``. Returns ``(eigenvalues desc, eigenvectors, Q^T G Q)``.
-  """
-  q = jnp.linalg.qr(jax.random.normal(key, (num_res, sub), dtype))[0]
-  q = jax.lax.fori_loop(0, power_iterations + 1, lambda _, q: jnp.linalg.qr(gram_times(q))[0], q)
-  h = jnp.matmul(q.T, gram_times(q), precision=_HIGHEST)
-  mu, w = _sorted_eigh(h)
-  return mu, jnp.matmul(q, w, precision=_HIGHEST), h
 
 
 def sven(
@@ -907,368 +526,6 @@ def sven(
           param_fraction=param_fraction, mask_by_block=mask_by_block),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-# ======================================================================================
-# Separable residuals: per-example rows and the ghost Gram of dense leaves
-# ======================================================================================
-
-# Primitives that carry their own sub-programs: a parameter used inside one of them is
-# not looked into (its rows come from the per-example pass) and this is said once.
-_INLINED = ("pjit", "jit", "closed_call", "core_call")
-# Unary layout ops through which a parameter still counts as "the same leaf".
-_ALIASING = ("convert_element_type", "transpose", "reshape", "copy", "copy_p")
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-  if message not in _WARNED:
-    _WARNED.add(message)
-    warnings.warn(message, stacklevel=3)
-
-
-class _DenseUse(NamedTuple):
-  """A parameter leaf entering the residual through one ``dot_general``."""
-
-  leaf: int  # index in the flattened params
-  eqn: Any  # the dot_general equation
-  side: int  # operand position of the parameter (0: lhs, 1: rhs)
-  chain: tuple  # the aliasing equations from the leaf to the dot operand, in order
-
-
-class _Analysis(NamedTuple):
-  jaxpr: Any  # ClosedJaxpr of f(flat_params, example)
-  dense: dict  # leaf -> _DenseUse, the leaves that take the ghost path
-  reasons: dict  # leaf -> why it takes the per-example path
-  ghost_eqns: dict  # id(eqn) -> position in `dense` order
-  inline: set  # id(eqn) of call equations that contain a ghost equation
-
-
-def _is_literal(v) -> bool:
-  return isinstance(v, jax.extend.core.Literal)
-
-
-def _subjaxprs(eqn) -> list:
-  return list(jax.extend.core.jaxprs_in_params(eqn.params))
-
-
-def _analyse(closed, num_leaves: int, ghost: bool, declared: Sequence[bool | None],
-             names: Sequence[str]) -> _Analysis:
-  """Which leaves enter only through one ``dot_general`` with an activation."""
-  uses: dict[int, list] = {i: [] for i in range(num_leaves)}
-  contains: dict[int, set] = {}  # id(call eqn) -> ids of dot eqns inside
-
-  def walk(jaxpr, alias: dict, calls: tuple) -> None:
-    for eqn in jaxpr.eqns:
-      hit = [k for k, v in enumerate(eqn.invars) if not _is_literal(v) and v in alias]
-      if not hit:
-        continue
-      name = eqn.primitive.name
-      if name in _ALIASING and len(eqn.invars) == 1:
-        leaf, chain = alias[eqn.invars[0]]
-        alias[eqn.outvars[0]] = (leaf, chain + (eqn,))
-        continue
-      if name in _INLINED:
-        inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-        inner = getattr(inner, "jaxpr", inner)
-        sub = {inner.invars[k]: alias[eqn.invars[k]] for k in hit}
-        walk(inner, sub, calls + (id(eqn),))
-        continue
-      if name == "dot_general" and len(hit) == 1:
-        side = hit[0]
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        leaf, chain = alias[eqn.invars[side]]
-        if not (lb or rb):
-          uses[leaf].append(("dot", eqn, side, chain, calls))
-          continue
-        uses[leaf].append(("batched dot_general", None, None, None, calls))
-        continue
-      for k in hit:
-        uses[alias[eqn.invars[k]][0]].append((name, None, None, None, calls))
-    for v in jaxpr.outvars:
-      if not _is_literal(v) and v in alias:
-        uses[alias[v][0]].append(("output", None, None, None, ()))
-
-  top = closed.jaxpr
-  walk(top, {v: (i, ()) for i, v in enumerate(top.invars[:num_leaves])}, ())
-
-  dense, reasons = {}, {}
-  for leaf in range(num_leaves):
-    found = uses[leaf]
-    ok = len(found) == 1 and found[0][0] == "dot"
-    if declared[leaf] is True and not ok:
-      kinds = sorted({u[0] for u in found}) or ["nothing"]
-      raise ValueError(
-          f"dense_leaves declares {names[leaf]} dense, but the per-example residual uses it "
-          f"through {', '.join(kinds)} (a dense leaf must enter exactly once, as an operand "
-          "of a matmul / dot_general with no batch dimensions)")
-    if not ghost:
-      reasons[leaf] = "ghost=False"
-    elif declared[leaf] is False:
-      reasons[leaf] = "declared not dense"
-    elif ok:
-      _, eqn, side, chain, calls = found[0]
-      dense[leaf] = _DenseUse(leaf, eqn, side, chain)
-      for call in calls:
-        contains.setdefault(call, set()).add(id(eqn))
-    else:
-      kinds = sorted({u[0] for u in found})
-      if len(found) > 1 and all(u[0] == "dot" for u in found):
-        reasons[leaf] = f"used by {len(found)} matmuls"
-      else:
-        reasons[leaf] = "used by " + (", ".join(kinds) or "nothing")
-      opaque = [u[0] for u in found if u[0] not in ("dot", "output")
-                and (u[0] in ("conv_general_dilated", "batched dot_general")
-                     or u[0] in _OPAQUE_NAMES)]
-      if opaque:
-        _warn_once(f"Sven ghost Gram: {names[leaf]} is used inside '{opaque[0]}', which the "
-                   "ghost Gram does not look into; its Jacobian rows come from the "
-                   "per-example pass")
-  # A jitted helper applied to several leaves shares one inner equation: not per leaf.
-  shared = {k for k, v in collections.Counter(id(u.eqn) for u in dense.values()).items() if v > 1}
-  for leaf in [leaf for leaf, use in dense.items() if id(use.eqn) in shared]:
-    del dense[leaf]
-    reasons[leaf] = "matmul in a sub-function shared with other leaves"
-  contains = {call: ids - shared for call, ids in contains.items() if ids - shared}
-  ghost_eqns = {id(use.eqn): pos for pos, use in enumerate(dense.values())}
-  return _Analysis(closed, dense, reasons, ghost_eqns, set(contains))
-
-
-# Primitives with sub-programs (control flow, custom derivatives, remat) or convolutions:
-# a parameter used there falls back to per-example rows, with a warning.
-_OPAQUE_NAMES = ("scan", "while", "cond", "custom_jvp_call", "custom_vjp_call",
-                 "custom_vjp_call_jaxpr", "checkpoint", "remat", "shard_map", "custom_lin")
-
-
-def _leaf_names(params) -> list[str]:
-  return [jax.tree_util.keystr(path) or "<root>"
-          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def _declared_flags(dense_leaves, params, num_leaves: int) -> list[bool | None]:
-  if dense_leaves is None:
-    return [None] * num_leaves
-  tree = dense_leaves(params) if callable(dense_leaves) else dense_leaves
-  try:
-    flags = jax.tree.structure(params).flatten_up_to(
-        jax.tree.map(lambda f: f, tree, is_leaf=lambda x: x is None))
-  except (ValueError, TypeError) as err:
-    raise ValueError("dense_leaves must be a pytree with the structure of params (bool per "
-                     f"leaf, None for automatic detection): {err}") from None
-  out = []
-  for f in flags:
-    if f is not None and not isinstance(f, bool):
-      raise ValueError(f"dense_leaves entries must be True, False or None, got {f!r}")
-    out.append(f)
-  return out
-
-
-def _example_avals(batch) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
-
-
-def _batch_size(batch) -> int:
-  leaves = jax.tree.leaves(batch)
-  if not leaves:
-    raise ValueError("batch must be a pytree of arrays with a leading example axis, got no "
-                     "arrays")
-  sizes = {x.shape[0] if getattr(x, "ndim", 0) >= 1 else None for x in leaves}
-  if None in sizes or len(sizes) != 1:
-    shapes = [getattr(x, "shape", ()) for x in leaves]
-    raise ValueError("batch leaves must share a leading example axis (the examples of the "
-                     f"batch), got shapes {shapes}")
-  return sizes.pop()
-
-
-def _example_out_size(example_residual_fn, params, batch) -> int:
-  out = jax.eval_shape(example_residual_fn, params, _example_avals(batch))
-  if not hasattr(out, "shape") or len(out.shape) > 1:
-    raise ValueError("example_residual_fn must return a scalar or a 1-D array of residuals "
-                     f"for one example, got {out}")
-  if len(out.shape) == 1 and out.shape[0] < 1:
-    raise ValueError("example_residual_fn returned an empty residual vector for an example")
-  return 1 if not out.shape else out.shape[0]
-
-
-def _trace(example_residual_fn, params, batch):
-  flat, treedef = jax.tree.flatten(params)
-
-  def f(flat_params, example):
-    return example_residual_fn(jax.tree.unflatten(treedef, flat_params), example)
-
-  return jax.make_jaxpr(f)(flat, _example_avals(batch))
-
-
-def _eval_tapped(jaxpr, consts, args, analysis: _Analysis, zs: Sequence, taps: dict):
-  """Evaluates ``jaxpr``; each ghost ``dot_general`` gets ``+ z`` and records its activation."""
-  env: dict = {}
-
-  def read(v):
-    return v.val if _is_literal(v) else env[v]
-
-  for v, val in zip(jaxpr.constvars, consts, strict=True):
-    env[v] = val
-  for v, val in zip(jaxpr.invars, args, strict=True):
-    env[v] = val
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    key = id(eqn)
-    if key in analysis.inline:
-      inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-      consts_in = getattr(inner, "consts", [])
-      inner = getattr(inner, "jaxpr", inner)
-      outs = _eval_tapped(inner, consts_in, invals, analysis, zs, taps)
-    else:
-      params = eqn.primitive.get_bind_params(eqn.params)
-      with eqn.ctx.manager:
-        outs = eqn.primitive.bind(*invals, **params)
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
-      if key in analysis.ghost_eqns:
-        pos = analysis.ghost_eqns[key]
-        use = list(analysis.dense.values())[pos]
-        taps[pos] = invals[1 - use.side]
-        outs = [outs[0] + zs[pos].astype(outs[0].dtype)]
-    for v, val in zip(eqn.outvars, outs, strict=True):
-      env[v] = val
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _dense_layout(use: _DenseUse):
-  """For the ghost dot: activation contracting/free axes and the output's axis order."""
-  (lc, rc), _ = use.eqn.params["dimension_numbers"]
-  act_contract = lc if use.side == 1 else rc
-  act = use.eqn.invars[1 - use.side].aval
-  w = use.eqn.invars[use.side].aval
-  w_contract = rc if use.side == 1 else lc
-  act_free = [a for a in range(act.ndim) if a not in act_contract]
-  w_free = [a for a in range(w.ndim) if a not in w_contract]
-  return act_contract, act_free, w_contract, w_free
-
-
-def _ghost_factors(use: _DenseUse, act: jax.Array, cot: jax.Array):
-  """Rows of the dense leaf's per-example gradient ``sum_t a_t g_t^T`` as ``(A, G)``.
-
-  ``act``: ``(B, *activation)``; ``cot``: ``(n, *dot_output)`` with ``n = B * T_out``.
-  Returns ``A`` of shape ``(n, T, K)`` and ``G`` of shape ``(n, T, N)``, ``T`` the
-  product of the activation's free ("token") axes, ``K`` of its contracting axes, ``N``
-  of the leaf's free axes.
-  """
-  act_contract, act_free, _, w_free = _dense_layout(use)
-  b = act.shape[0]
-  n = cot.shape[0]
-  t = math.prod(act.shape[1 + a] for a in act_free)
-  k = math.prod(act.shape[1 + a] for a in act_contract)
-  a = jnp.transpose(act, [0] + [1 + x for x in act_free] + [1 + x for x in act_contract])
-  a = a.reshape(b, 1, t, k)
-  a = jnp.broadcast_to(a, (b, n // b, t, k)).reshape(n, t, k)
-  nf = len(act_free)
-  nw = len(w_free)
-  if use.side == 0:  # output axes: (w_free..., act_free...) -> (act_free..., w_free...)
-    perm = [0] + [1 + nw + x for x in range(nf)] + [1 + x for x in range(nw)]
-    cot = jnp.transpose(cot, perm)
-  g = cot.reshape(n, t, -1)
-  return a, g
-
-
-def _ghost_gram(a: jax.Array, g: jax.Array) -> jax.Array:
-  """``sum_{t,s} (a_it . a_js)(g_it . g_js)`` (``n x n``), the cheaper of two ways."""
-  n, t, k = a.shape
-  nn = g.shape[2]
-  rep = _replicated()
-  if t == 1:
-    aa = jnp.einsum("ik,jk->ij", a[:, 0], a[:, 0], precision=_HIGHEST, out_sharding=rep)
-    gg = jnp.einsum("ik,jk->ij", g[:, 0], g[:, 0], precision=_HIGHEST, out_sharding=rep)
-    return aa * gg
-  if (n * t) ** 2 * (k + nn) <= n * t * k * nn + n * n * k * nn:
-    aa = jnp.einsum("itk,jsk->itjs", a, a, precision=_HIGHEST, out_sharding=rep)
-    gg = jnp.einsum("itk,jsk->itjs", g, g, precision=_HIGHEST, out_sharding=rep)
-    return jnp.sum(aa * gg, axis=(1, 3))
-  rows = jnp.einsum("itk,itn->ikn", a, g, precision=_HIGHEST)  # per-example gradients
-  return jnp.einsum("ikn,jkn->ij", rows, rows, precision=_HIGHEST, out_sharding=rep)
-
-
-def _ghost_rotated_gram(a: jax.Array, g: jax.Array, t: jax.Array) -> jax.Array:
-  """``X X^T`` for the rotated rows ``X_c = sum_i t_ic (per-example gradient i)`` of a
-  dense leaf, formed a block of the leaf's input axis at a time (the refinement pass:
-  rounding relative to the whitened rows, never the ``n x P_l`` rows at once)."""
-  n, tt, k = a.shape
-  nn = g.shape[2]
-  c = t.shape[1]
-  length = n * tt
-  budget = 1 << 18  # floats per intermediate (1 MiB): temporaries stay small
-  kc = int(max(1, min(k, budget // max(1, c * nn), budget // max(1, c * length))))
-  steps = -(-k // kc)
-  a = jnp.pad(a.reshape(length, k), ((0, 0), (0, steps * kc - k)))
-  a = a.reshape(length, steps, kc).transpose(1, 0, 2)
-  weights = jnp.repeat(t, tt, axis=0)  # (n * T, c): row i's weight on each token
-  gl = g.reshape(length, nn)
-
-  def body(acc, a_chunk):
-    x = jnp.einsum("lc,lk,ln->ckn", weights, a_chunk, gl, precision=_HIGHEST)
-    x = x.reshape(c, -1)
-    return acc + jnp.matmul(x, x.T, precision=_HIGHEST), None
-
-  return jax.lax.scan(body, jnp.zeros((c, c), g.dtype), a)[0]
-
-
-def _ghost_transpose_times(use: _DenseUse, leaf: jax.Array, a: jax.Array, g: jax.Array,
-                           w: jax.Array) -> jax.Array:
-  """``M_l^T w`` for a dense leaf: ``sum_i w_i sum_t a_it g_it^T`` back in the leaf's layout."""
-  _, _, w_contract, w_free = _dense_layout(use)
-  d = jnp.einsum("itk,itn->kn", a, g * w[:, None, None].astype(g.dtype), precision=_HIGHEST,
-                 out_sharding=_replicated())
-  operand = use.eqn.invars[use.side].aval
-  order = list(w_contract) + list(w_free)
-  d = d.reshape([operand.shape[x] for x in order])
-  d = jnp.transpose(d, np.argsort(order))
-
-  def chain(p):  # the aliasing ops from the leaf to the dot operand
-    for eqn in use.chain:
-      with eqn.ctx.manager:
-        p = eqn.primitive.bind(p, **eqn.primitive.get_bind_params(eqn.params))
-    return p
-
-  _, pullback = jax.vjp(chain, leaf)
-  out = pullback(d.astype(operand.dtype))[0]
-  if _replicated() is not None:  # back to the leaf's own sharding
-    out = jax.sharding.reshard(out, jax.typeof(leaf).sharding.spec)
-  return out
-
-
-def _per_example_pass(analysis: _Analysis | None, flat_params: list, batch, t_out: int):
-  """One vmapped forward + backward over the examples.
-
-  Returns ``(r, rows, acts, cots)``: residuals ``(n,)``, per-example Jacobian rows of the
-  non-dense leaves (``{leaf: (n, *shape)}``), and for each dense leaf its activations
-  ``(B, ...)`` and output cotangents ``(n, ...)``; ``n = B * T_out``, example-major.
-  """
-  jaxpr = analysis.jaxpr
-  dense = analysis.dense
-  free = [i for i in range(len(flat_params)) if i not in dense]
-  uses = list(dense.values())
-
-  def one(example):
-    zs0 = [jnp.zeros(u.eqn.outvars[0].aval.shape, u.eqn.outvars[0].aval.dtype) for u in uses]
-
-    def f(free_params, zs):
-      full = list(flat_params)
-      for i, p in zip(free, free_params, strict=True):
-        full[i] = p
-      taps: dict = {}
-      (out,) = _eval_tapped(jaxpr.jaxpr, jaxpr.consts, full + jax.tree.leaves(example),
-                            analysis, zs, taps)
-      return jnp.reshape(out, (-1,)), [taps[k] for k in range(len(uses))]
-
-    r, pullback, acts = jax.vjp(f, [flat_params[i] for i in free], zs0, has_aux=True)
-    rows, cots = jax.vmap(pullback)(jnp.eye(t_out, dtype=r.dtype))
-    return r, rows, acts, cots
-
-  r, rows, acts, cots = jax.vmap(one)(batch)
-  n = r.shape[0] * t_out
-  flatten = lambda x: x.reshape((n,) + x.shape[2:])
-  rows = {i: flatten(x) for i, x in zip(free, rows, strict=True)}
-  return r.reshape(n), rows, acts, [flatten(c) for c in cots]
 
 
 def sven_leaf_paths(example_residual_fn: Callable[[Any, Any], jax.Array], params: Any,
