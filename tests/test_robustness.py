@@ -388,9 +388,10 @@ STATE_BYTES = {
     "dct_adamw_bf16_moments": _subspace_bytes(2, "dct", 2, moment=BF16) + ADAM_COUNT,
     "scale_by_trion": _trion_bytes(2),
     "trion": _trion_bytes(3) + I32,  # + the two learning rates' step count
-    "scale_by_sven": 2 * I32 + 3 * F32 + I32,
-    "scale_by_sven_matrix_free": 2 * I32 + 2 * F32 + I32,
-    "sven": 2 * I32 + 3 * F32 + I32 + P * F32,
+    # key + singular values (rank) + effective rank + the Polyak step size (+ nu)
+    "scale_by_sven": 2 * I32 + 3 * F32 + I32 + F32,
+    "scale_by_sven_matrix_free": 2 * I32 + 2 * F32 + I32 + F32,
+    "sven": 2 * I32 + 3 * F32 + I32 + F32 + P * F32,
     "sam": I32 + 2 * F32,
     "sam_asam": I32 + 2 * F32,
     "sam_pinf": I32 + 2 * F32,
