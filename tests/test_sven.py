@@ -235,6 +235,20 @@ def test_rtol_and_absolute_cutoff(cfg):
   np.testing.assert_array_equal(flat(delta), 0.0)
 
 
+@pytest.mark.parametrize("cfg", [("gram", None), ("svd", None)], ids=method_id)
+def test_rtol_cutoff_is_strict_at_the_boundary(cfg):
+  """``S_i <= rtol * S_0`` is dropped, ``S_i > rtol * S_0`` kept: with S = (1, 0.5), exact
+  in float32 (diagonal M), rtol = 0.5 keeps one direction and rtol just below 0.5 keeps two."""
+  m = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
+  y = np.array([1.0, 1.0])
+  params, data, m64, y64 = linear_problem(m, y, split=2)
+  for rtol, kept in ((0.5, 1), (0.49, 2)):
+    delta, state = run(linear_residual, data, params, 2, rtol=rtol, **cfg_kwargs(cfg))
+    expected, s_kept = truncated_pinv_step(m64, -y64, 2, rtol)
+    assert s_kept.size == kept == int(state.effective_rank)
+    np.testing.assert_allclose(flat(delta), expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("cfg", EXACT + [("matrix_free", 4)], ids=method_id)
 def test_graded_spectrum_float32_accuracy(cfg):
   """Kept singular values spread over 1e3: a single float32 Gram eigh misses this by
