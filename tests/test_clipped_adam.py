@@ -111,3 +111,17 @@ def test_bad_input():
       clipped_adamw(1e-3, **{"clip_fraction": 0.1, **kwargs})
   with pytest.raises(ValueError, match="method"):
     scale_by_clipped_adam(0.1, method="sorted")
+
+
+def test_weight_decay_mask():
+  """``mask`` selects the leaves that decay: a masked-in leaf gets the undecayed update
+  minus ``lr * weight_decay * w``, a masked-out leaf exactly the undecayed update."""
+  params = {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]]), "b": jnp.array([0.3, -0.7])}
+  grads = {"w": jnp.array([[0.1, 0.2], [-0.3, 0.4]]), "b": jnp.array([0.5, -0.1])}
+  lr, wd = 0.1, 0.5
+  base = clipped_adamw(lr, 0.25, weight_decay=0.0)
+  masked = clipped_adamw(lr, 0.25, weight_decay=wd, mask={"w": True, "b": False})
+  u0, _ = base.update(grads, base.init(params), params)
+  u1, _ = masked.update(grads, masked.init(params), params)
+  np.testing.assert_allclose(u1["w"], u0["w"] - lr * wd * params["w"], rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(u1["b"], u0["b"])
