@@ -579,3 +579,21 @@ def test_trains_an_nnx_state_like_a_plain_dict(make):
   for a, b in zip(ups_plain, ups_boxed, strict=True):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
       np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("factory", ["trion", "dct_adamw", "online_subspace_descent"])
+def test_weight_decay_mask(factory):
+  """``mask`` selects the leaves that decay: a masked-in leaf gets the undecayed update
+  minus ``lr * weight_decay * w``, a masked-out leaf exactly the undecayed update."""
+  rng = np.random.default_rng(27)
+  params = {"w": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(6), jnp.float32)}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+  lr, wd = 0.1, 0.5
+  make = getattr(opt, factory)
+  base = make(lr, 2, weight_decay=0.0)
+  masked = make(lr, 2, weight_decay=wd, mask={"w": True, "b": False})
+  u0, _ = base.update(grads, base.init(params), params)
+  u1, _ = masked.update(grads, masked.init(params), params)
+  np.testing.assert_allclose(u1["w"], u0["w"] - lr * wd * params["w"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(u1["b"], u0["b"])
