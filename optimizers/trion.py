@@ -37,6 +37,7 @@ from optimizers._checks import (
   check_int,
   check_interval,
   check_nonnegative,
+  check_real_floating,
 )
 from optimizers._moments import scale_by_adam
 from optimizers._sharding import box_value, is_box
@@ -153,9 +154,12 @@ def scale_by_trion(
   subspace(inner, projector, side=side)  # validates side
 
   def matrix_dims(tree):
-    """Per leaf (flax boxes count as their array): its MatrixDims or None."""
-    return jax.tree.leaves(resolve_matrix_dims(weight_dimension_numbers, tree),
+    """Per leaf of :func:`_entries` (flax boxes count as their array; ``None`` params have
+    no entry): its MatrixDims or None."""
+    dims = jax.tree.leaves(resolve_matrix_dims(weight_dimension_numbers, tree),
                            is_leaf=_is_dims_leaf)
+    entries = jax.tree.leaves(tree, is_leaf=lambda x: x is None or is_box(x))
+    return [d for d, e in zip(dims, entries, strict=True) if e is not None]
 
   def wrapper(dims):
     return subspace(inner, projector, side=side, weight_dimension_numbers=dims)
@@ -182,6 +186,7 @@ def scale_by_trion(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    check_real_floating(updates, owner="trion")
     gs, gdef = _entries(updates)
     dims = matrix_dims(updates)
     ms, mdef = _entries(state.momentum)
@@ -327,8 +332,9 @@ def _scale_by_learning_rates(learning_rate, adam_learning_rate, weight_dimension
     del params
     dims = resolve_matrix_dims(weight_dimension_numbers, updates)
     lr, adam_lr = value(learning_rate, state.count), value(adam_learning_rate, state.count)
-    out = jax.tree.map(lambda d, u: (-(adam_lr if d is None else lr) * u).astype(u.dtype),
-                       dims, updates, is_leaf=_is_dims_leaf)
+    out = jax.tree.map(
+        lambda d, u: u if u is None else (-(adam_lr if d is None else lr) * u).astype(u.dtype),
+        dims, updates, is_leaf=_is_dims_leaf)
     return out, optax.ScaleByScheduleState(optax.safe_int32_increment(state.count))
 
   return optax.GradientTransformation(
