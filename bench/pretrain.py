@@ -21,7 +21,9 @@ Runs on whatever devices exist (TPU, GPU, or CPU with
 * ``--zero1``: ZeRO-1. Parameters replicated over ``data`` (sharded over
   ``model`` only), optimizer state sharded over ``data`` too
   (``optimizers.zero1_partition_specs``: each state leaf's largest divisible
-  axis); the metrics record ``state_bytes`` and ``state_bytes_per_device``.
+  axis); MESA's EMA teacher (a copy of the parameters) is sharded the same way.
+  The metrics record ``state_bytes`` and ``state_bytes_per_device`` (and
+  ``teacher_state_bytes``, ``teacher_state_bytes_per_device`` for MESA).
 * The jitted step donates params and state. Every batch is a function of
   ``(seed, step)`` alone, so a run resumed from a checkpoint sees the same data
   and reproduces the uninterrupted loss trajectory bit for bit.
@@ -259,12 +261,19 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
   state_mem = state_memory(opt_state)
   batch_shard = NamedSharding(mesh, P("data", None))
-  # Loss-side EMA teacher (MESA), sharded like the parameters; an empty tuple otherwise.
+  # Loss-side EMA teacher (MESA), sharded like the parameters (with --zero1: over ``data``
+  # too, like the rest of the optimizer state); an empty tuple otherwise.
   teacher = method.teacher() if method.teacher else None
-  t_shard = () if teacher is None else jax.tree.map(
-      lambda s: NamedSharding(mesh, s), teacher.partition_specs(p_specs),
-      is_leaf=lambda x: isinstance(x, P))
-  teacher_state = () if teacher is None else jax.jit(teacher.init, out_shardings=t_shard)(params)
+  t_shard, teacher_state = (), ()
+  if teacher is not None:
+    t_specs = teacher.partition_specs(p_specs)
+    if cfg.zero1:
+      t_specs = opt.zero1_partition_specs(jax.eval_shape(teacher.init, params), t_specs, mesh,
+                                          replicate_below=cfg.zero1_replicate_below)
+    t_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), t_specs,
+                           is_leaf=lambda x: isinstance(x, P))
+    teacher_state = jax.jit(teacher.init, out_shardings=t_shard)(params)
+    state_mem.update({f"teacher_{k}": v for k, v in state_memory(teacher_state).items()})
 
   def model_logits(p, tokens):
     st = nnx.clone(state)

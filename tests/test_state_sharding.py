@@ -59,11 +59,13 @@ def test_bad_mesh_axes():
     zero1_partition_specs(state, {"x": P("tensor")}, MESH)
 
 
-@pytest.mark.parametrize("optimizer,replicate_below", [("adamw", 0), ("dct_adamw", 64)])
+@pytest.mark.parametrize("optimizer,replicate_below",
+                         [("adamw", 0), ("dct_adamw", 64), ("mesa", 0)])
 def test_pretrain_zero1_same_trajectory_and_state_bytes(optimizer, replicate_below):
   """On an 8 x 1 mesh: the ZeRO-1 run follows the plain (FSDP) run's losses, and each device
   holds at most 1/8 of the state (+5%); dct_adamw's rank-sized index sets (8 int32) are the
-  leaves replicated on purpose."""
+  leaves replicated on purpose. MESA's EMA teacher (a float32 copy of the parameters) is
+  sharded over the data axis like the optimizer state."""
   from bench.pretrain import GPTConfig, RunConfig, run
 
   model = GPTConfig(d_model=32, num_layers=2, num_heads=2, d_ff=64, seq_len=16, scan_layers=True)
@@ -75,6 +77,11 @@ def test_pretrain_zero1_same_trajectory_and_state_bytes(optimizer, replicate_bel
   ratio = zero1[0]["state_bytes_per_device"] / zero1[0]["state_bytes"]
   assert ratio <= 1.05 / 8, ratio
   assert plain[0]["state_bytes_per_device"] > zero1[0]["state_bytes_per_device"]
+  if optimizer == "mesa":
+    teacher = zero1[0]["teacher_state_bytes_per_device"] / zero1[0]["teacher_state_bytes"]
+    assert teacher <= 1.05 / 8, teacher
+    assert zero1[0]["teacher_state_bytes"] == plain[0]["teacher_state_bytes"]
+    assert plain[0]["teacher_state_bytes_per_device"] > zero1[0]["teacher_state_bytes_per_device"]
 
 
 def test_logical_specs_feed_flax_rules_and_reject_bad_names():
