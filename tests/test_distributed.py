@@ -204,11 +204,15 @@ def test_bad_arguments():
 @pytest.mark.parametrize("axis_type", AXES, ids=AXIS_IDS)
 def test_clip_coordinatewise_on_sharded_tree_gathers_nothing(axis_type):
   """The default method on a sharded tree is the tree-reduction search: the same
-  threshold and output as the exact sort on one device, and no all-gather or
-  all-to-all in the compiled update (only small all-reduces of counts and maxima)."""
+  threshold, clipped fraction and output as the exact sort on one device, and no
+  all-gather or all-to-all in the compiled update, only scalar all-reduces: one over
+  the whole mesh per search step (31 in float32) plus the maximum and the clipped
+  count, however many leaves and however they are sharded (both axes, one, none)."""
   mesh = mesh_of(axis_type)
-  grads = dict(zip("wb", sample([(16, 32), (32,)], 5), strict=True))
-  specs = {"w": P("data", "model"), "b": P("model")}
+  grads = dict(zip("wvcb", sample([(16, 32), (4, 16, 8), (8, 12), (32,)], 5), strict=True))
+  grads["c"] = grads["c"].at[1, 2].set(jnp.nan)  # NaN ranks as +inf and passes through
+  specs = {"w": P("data", "model"), "v": P(None, "model", "data"), "c": P("data"),
+           "b": P()}
   sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), grads, specs)
   tx = clip_coordinatewise(0.1)
   run = jax.jit(lambda g: tx.update(g, tx.init(g)))
@@ -216,8 +220,10 @@ def test_clip_coordinatewise_on_sharded_tree_gathers_nothing(axis_type):
   exact = clip_coordinatewise(0.1, method="exact")
   want, want_state = exact.update(grads, exact.init(grads))
   assert float(state.threshold) == float(want_state.threshold)
+  assert float(state.clip_fraction) == float(want_state.clip_fraction)
   for k in grads:
     np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(want[k]))
   kinds = collectives(run.lower(sharded).compile().as_text())["by_kind"]
   assert set(kinds) <= {"all-reduce"}, kinds
-  assert kinds["all-reduce"]["bytes"] <= 16 * kinds["all-reduce"]["count"], kinds
+  assert kinds["all-reduce"]["count"] <= 31 + 2, kinds
+  assert kinds["all-reduce"]["bytes"] <= 8 * kinds["all-reduce"]["count"], kinds  # 2 int32
