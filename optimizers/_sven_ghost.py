@@ -346,6 +346,47 @@ def _ghost_transpose_times(use: _DenseUse, leaf: jax.Array, a: jax.Array, g: jax
   return out
 
 
+def _to_replicated(x: jax.Array) -> jax.Array:
+  """``x`` replicated over the current mesh (``reshard`` on explicit axes, a sharding
+  constraint on automatic ones)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = jax.sharding.PartitionSpec()
+  if mesh.axis_types and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return jax.sharding.reshard(x, spec)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _pin(x: jax.Array) -> jax.Array:
+  """``x`` held replicated on a mesh (so that the partitioner does not split the small
+  replicated work of the spectrum again); unchanged without a mesh."""
+  return x if jax.sharding.get_abstract_mesh().empty else _to_replicated(x)
+
+
+def _gather_examples(arrays: Sequence[jax.Array], num_examples: int) -> list[jax.Array]:
+  """The per-example ``arrays`` (leading axis: the examples, possibly sharded over a
+  mesh axis) replicated by ONE all-gather of their concatenation; unchanged without a
+  mesh.
+
+  Cross-example entries of ``M M^T`` pair examples held by different devices, so with
+  the batch sharded some gather is intrinsic; gathering the layer inputs and output
+  cotangents (``B (T K + T_out T N)`` floats per dense layer, never ``B x P``), the
+  per-example rows of the other leaves and the residuals as one block makes it a
+  single collective, and the Gram, its spectrum, the refinement and the residuals'
+  weights are then computed replicated without further communication.
+  """
+  if jax.sharding.get_abstract_mesh().empty or not arrays:
+    return list(arrays)
+  flat = [jnp.reshape(x, (num_examples, -1)) for x in arrays]
+  dtype = jnp.result_type(*flat)
+  packed = _to_replicated(jnp.concatenate([f.astype(dtype) for f in flat], axis=1))
+  out, start = [], 0
+  for x, f in zip(arrays, flat, strict=True):
+    width = f.shape[1]
+    out.append(_to_replicated(packed[:, start:start + width].reshape(x.shape).astype(x.dtype)))
+    start += width
+  return out
+
+
 def _per_example_pass(analysis: _Analysis | None, flat_params: list, batch, t_out: int):
   """One vmapped forward + backward over the examples.
 

@@ -27,12 +27,14 @@ from optimizers._sven_ghost import (
   _batch_size,
   _declared_flags,
   _example_out_size,
+  _gather_examples,
   _ghost_factors,
   _ghost_gram,
   _ghost_rotated_gram,
   _ghost_transpose_times,
   _leaf_names,
   _per_example_pass,
+  _pin,
   _trace,
 )
 from optimizers._sven_rows import (
@@ -43,12 +45,14 @@ from optimizers._sven_rows import (
   _gram_times,
   _jacobian,
   _keep_mask,
+  _matrices_transpose_times,
   _param_mask,
   _pinv_weights,
   _polyak,
   _replicated,
   _rms,
   _rotated_gram_of_blocks,
+  _row_matrices,
   _row_reduction,
   _Rows,
   _sorted_eigh,
@@ -205,6 +209,15 @@ def _ghost_step(analysis: _Analysis, params_c, problem: _Problem, draw: _Draw, n
   leaves, treedef = jax.tree.flatten(params_c)
   r, free_rows, acts, cots = _per_example_pass(analysis, leaves, problem.batch, problem.t_out)
   uses = list(analysis.dense.values())
+  # The step M^T w is summed over the (possibly batch-sharded) examples where they are:
+  # one all-reduce of the update. Everything else reads the examples gathered once.
+  step_factors = [_ghost_factors(u, a, c) for u, a, c in zip(uses, acts, cots, strict=True)]
+  step_rows = free_rows
+  num_examples = _batch_size(problem.batch)
+  free_keys = list(free_rows)
+  r, *rest = _gather_examples([r, *acts, *cots, *free_rows.values()], num_examples)
+  acts, cots = rest[:len(uses)], rest[len(uses):2 * len(uses)]
+  free_rows = dict(zip(free_keys, rest[2 * len(uses):], strict=True))
   factors = [_ghost_factors(u, a, c) for u, a, c in zip(uses, acts, cots, strict=True)]
   grams = [_ghost_gram(a, g) for a, g in factors]
   if free_rows:
@@ -212,22 +225,23 @@ def _ghost_step(analysis: _Analysis, params_c, problem: _Problem, draw: _Draw, n
   g = sum(grams[1:], grams[0])
   if rows is not None:
     g = rows.apply(rows.apply(g).T).T
+  g = _pin(g)
   r_used = row_apply(r)
 
   def rotated_gram(t):  # (T^T M)(T^T M)^T from rotated rows, dense leaves in chunks
-    t = jax.vmap(row_t, in_axes=1, out_axes=1)(t)
+    t = _pin(jax.vmap(row_t, in_axes=1, out_axes=1)(t))
     terms = [_ghost_rotated_gram(a, gc, t) for a, gc in factors]
     if free_rows:
       terms.append(_rotated_gram_of_blocks(t, free_rows))
-    return sum(terms[1:], terms[0])
+    return _pin(sum(terms[1:], terms[0]))
 
   u, s = _spectrum(*_sorted_eigh(g), opts.rank, opts.rtol, rotated_gram)
   keep = _keep_mask(s, opts.rank, opts.rtol)
-  w = row_t(_pinv_weights(u, s, keep, r_used))
+  w = _pin(row_t(_pinv_weights(u, s, keep, r_used)))
   out = [None] * len(leaves)
-  for use, (a, gc) in zip(uses, factors, strict=True):
+  for use, (a, gc) in zip(uses, step_factors, strict=True):
     out[use.leaf] = _ghost_transpose_times(use, leaves[use.leaf], a, gc, w)
-  for i, rws in zip(free_rows, _blocks_transpose_times(list(free_rows.values()), w),
+  for i, rws in zip(step_rows, _blocks_transpose_times(list(step_rows.values()), w),
                     strict=True):
     out[i] = rws
   delta = jax.tree.unflatten(treedef, out)
@@ -259,17 +273,22 @@ def _materialised_step(analysis: _Analysis | None, params_c, problem: _Problem, 
     blocks = jax.tree.map(draw.rows.apply, blocks)
   r_used = _row_maps(draw.rows)[0](r)
   m_rows = r_used.shape[0]
+  mats = _row_matrices(blocks)  # (m, P_l) per leaf, formed once; None on an explicit mesh
   if chosen == "svd":
-    check = jnp.concatenate(
-        [jnp.reshape(j, (m_rows, -1), out_sharding=_replicated())
-         for j in jax.tree.leaves(blocks)], axis=1)
+    check = jnp.concatenate(mats if mats is not None else [
+        jnp.reshape(j, (m_rows, -1), out_sharding=_replicated())
+        for j in jax.tree.leaves(blocks)], axis=1)
     u, s, _ = jnp.linalg.svd(check, full_matrices=False)
   else:
-    check = _gram_of_blocks(blocks)
+    check = _gram_of_blocks(blocks if mats is None else mats)
     u, s = _spectrum(*_sorted_eigh(check), opts.rank, opts.rtol,
-                     lambda t: _rotated_gram_of_blocks(t, blocks))
+                     lambda t: _rotated_gram_of_blocks(t, blocks if mats is None else mats))
   keep = _keep_mask(s, opts.rank, opts.rtol)
-  delta = _blocks_transpose_times(blocks, _pinv_weights(u, s, keep, r_used))
+  w = _pinv_weights(u, s, keep, r_used)
+  if mats is None:
+    delta = _blocks_transpose_times(blocks, w)
+  else:
+    delta = _matrices_transpose_times(mats, w, blocks)
   return _Step(delta, d, r, r_used, u, s, keep, check, nu, draw.key)
 
 

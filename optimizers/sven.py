@@ -95,6 +95,22 @@ axis at a time, so it too never holds per-example gradients of a whole leaf. Wit
 the per-example pass. ``"matrix_free"`` and microbatched ``"gram"`` use the
 batch's residuals ``vmap(example_residual_fn)`` as ``residual_fn``.
 
+Materialised rows. When rows are formed (per-example rows of non-dense leaves, or
+``jax.jacrev``), each leaf's block is formed once as a ``(B, P_l)`` matrix that the
+Gram, the refinement and ``M^T w`` all read (no second copy of the ``B x P`` rows);
+the Gram runs over blocks of ~1 MiB of columns.
+
+Sharding. Under ``jit`` with the batch sharded over a mesh axis (params
+replicated), cross-example entries of ``M M^T`` pair examples of different devices,
+so some gather is intrinsic. The ghost path gathers the examples' layer inputs,
+output cotangents, other leaves' rows and residuals as ONE concatenated block (one
+all-gather of ``B`` rows of ``sum_l (T K_l + T_out T N_l) + T_out P_other + T_out``
+floats, never ``B x P``); the Gram, its eigendecomposition, the refinement and the
+weights ``w`` are then computed replicated, and ``M^T w`` is summed over each
+device's own examples with one (combined) all-reduce of the update, as a
+data-parallel gradient step. Compiled on 8 devices (automatic and explicit mesh
+axes alike) that is 1 all-gather + 1 all-reduce and no other collective.
+
 The reference's options. Polyak step (``polyak``): the direction is scaled by
 ``eta = clip((mean R - f*) / (mean U_k U_k^T R + 1e-8), 0, polyak_max)``, where
 ``mean U_k U_k^T R = g . delta`` with ``g = M^T 1 / m``: the step length at which the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 
 import chex
@@ -769,9 +770,18 @@ def test_ghost_gram_batch_sharded_over_data_equals_single_device(axis_type):
     sharded = jax.device_put(data, NamedSharding(mesh, PartitionSpec("data")))
     replicated = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     step = jax.jit(lambda p, s, b: tx.update(p, s, p, example_residual_fn=mlp_example, batch=b))
-    delta, state = step(replicated, tx.init(replicated), sharded)
+    compiled = step.lower(replicated, tx.init(replicated), sharded).compile()
+    delta, state = compiled(replicated, tx.init(replicated), sharded)
   assert rel_err(flat(delta), flat(single)) < 1e-5
   np.testing.assert_allclose(state.singular_values, single_state.singular_values, rtol=1e-5)
+  # The examples' layer inputs, cotangents, other rows and residuals gathered by ONE
+  # all-gather; the update summed over the local examples by ONE (combined) all-reduce.
+  hlo = compiled.as_text()
+  counts = {op: len(re.findall(rf"= [^=]*? {op}(-start)?\(", hlo))
+            for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                       "collective-permute")}
+  assert counts == {"all-gather": 1, "all-reduce": 1, "reduce-scatter": 0, "all-to-all": 0,
+                    "collective-permute": 0}, counts
 
 
 def test_jitted_helper_shared_by_two_kernels_is_not_ghost():
