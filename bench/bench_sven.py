@@ -55,13 +55,15 @@ memory <= 3x an SGD step's at ``B = 1024``. Paper's claim: Sven beats Adam
 (faster, lower final loss) and is competitive with L-BFGS at a fraction of its
 wall time.
 
-    python -m bench.bench_sven [--quick]
+    python -m bench.bench_sven [--quick] [--only SECTION ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
+import json
 import math
 import statistics
 import time
@@ -76,10 +78,10 @@ from threadpoolctl import threadpool_limits
 
 import optimizers as opt
 from bench.common import (
-    command_line,
     compiled_memory,
     interleaved,
     print_table,
+    results_dir,
     run_sections,
     tree_bytes,
     write_results,
@@ -729,16 +731,37 @@ def single_threaded_lapack() -> threadpool_limits:
   return threadpool_limits(limits=1, user_api="blas")
 
 
-def main(quick: bool = False) -> dict[str, Any]:
+def main(quick: bool = False, only: Sequence[str] | None = None) -> dict[str, Any]:
+  """Runs the sections (``only``: just these; the others are kept from the results file
+  already written, and ``kept_sections`` records when that run was made)."""
   sections = {"targets_mlp": mlp_targets, "targets_lm": lm_target,
               "regression": regression_bench, "step_cost": step_cost_bench,
               "memory": memory_bench}
-  results = run_sections(sections, quick, {"quick": quick, "lapack_threads": 1},
-                         context=single_threaded_lapack)
+  results: dict[str, Any] = {"quick": quick, "lapack_threads": 1}
+  if only:
+    unknown = sorted(set(only) - set(sections))
+    if unknown:
+      raise ValueError(f"only: unknown sections {unknown}; choose from {sorted(sections)}")
+    previous = json.loads((results_dir() / "sven.json").read_text())
+    if previous.get("quick") != quick:
+      raise ValueError("only: the results file holds a run of the other mode (--quick)")
+    kept = [name for name in sections if name not in only]
+    results["section_wall_s"] = {k: v for k, v in previous["section_wall_s"].items()
+                                 if k in kept}
+    results["kept_sections"] = {name: previous.get("kept_sections", {}).get(
+        name, previous["meta"]["time"]) for name in kept}
+    results.update({name: previous[name] for name in kept})
+    sections = {name: fn for name, fn in sections.items() if name in only}
+  results = run_sections(sections, quick, results, context=single_threaded_lapack)
   path = write_results("sven", results)
   print(f"\nwrote {path} ({results['wall_s']:.0f} s)")
   return results
 
 
 if __name__ == "__main__":
-  command_line(main, __doc__)
+  parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+  parser.add_argument("--only", nargs="+", metavar="SECTION",
+                      help="run just these sections; keep the others from the results file")
+  args = parser.parse_args()
+  main(quick=args.quick, only=args.only)
