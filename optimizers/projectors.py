@@ -37,6 +37,7 @@ from optimizers._checks import (
   check_period,
   check_positive,
 )
+from optimizers._lapack import per_matrix
 from optimizers._sharding import reshard_like, sharded_matmul, unshard_axes
 from optimizers.dct import DCT_METHODS, dct_rows, dct_transform, top_columns
 from optimizers.linalg import frobenius_norm
@@ -406,7 +407,9 @@ def online_pca_projector(
   def first_basis(g, state):
     r = state.basis.shape[-1]
     if initial_basis == "svd":
-      _, _, vh = jnp.linalg.svd(unshard_axes(g, (-2, -1)), full_matrices=False)
+      # one matrix per LAPACK call on CPU: a batched call can deadlock multi-device CPU runs
+      _, _, vh = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False),
+                            unshard_axes(g, (-2, -1)))
       basis = vh[..., :r, :].mT
     else:
       basis = dct_rows(top_columns(dct_transform(g), r, "l2"), g.shape[-1]).mT
