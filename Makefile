@@ -1,6 +1,6 @@
 # Two commands for a new user: `make demo` and `make test`. Each bootstraps
 # .venv from nothing but a Python >= 3.11 interpreter. `make test` runs, in order,
-# lint (ruff + pyrefly), the docstring examples, the docs build and the test suite,
+# lint (ruff + pyrefly), the docs build, then the test suite with the docstring examples,
 # and stops with a non-zero exit at the first failure.
 PYTHON ?= python3
 VENV := .venv
@@ -20,13 +20,17 @@ demo: $(STAMP)
 
 # 8 simulated CPU devices for the sharding tests (set in tests/conftest.py too). A persistent
 # compilation cache, emptied first, lets identical programs compiled by different tests and
-# workers (resumed runs, notebooks vs benchmarks) compile once per run.
+# workers (resumed runs, notebooks vs benchmarks) compile once per run. The docstring
+# examples (`make doctest`) run in the same two-worker session as the tests. Scheduling
+# (tests/conftest.py): one unit of work per test file, except the notebooks and benchmarks
+# (one per test), longest units first.
 JAX_CACHE := $(CURDIR)/.jax_cache
-test: $(STAMP) lint doctest docs
+test: $(STAMP) lint docs
 	rm -rf $(JAX_CACHE)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8" JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) \
 	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 \
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 \
+	  --doctest-modules tests optimizers regularizers
 
 bench: $(STAMP)
 	$(PY) -m bench
