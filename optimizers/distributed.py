@@ -23,7 +23,7 @@ the input's sharding:
 Per device the collective bytes are ``2 * ceil(b / S) * S / b`` times the
 bytes of the local blocks (2 for a group that fills the devices), independent
 of ``f`` and of its iteration count, and the flops are those of
-``ceil(b / S)`` whole matrices.
+``ceil(b / S)`` whole matrices (groups of ``b < S`` matrices: packing, below).
 
 Strategies (``strategy=``):
 
@@ -40,7 +40,36 @@ Strategies (``strategy=``):
   at least 2 matrices (fewer bytes and no more flops than ``"replicate"``),
   ``"replicate"`` for a group of a single matrix (half the bytes of a padded
   owner round trip, the same flops); no collective at all when the matrix
-  axes are not sharded.
+  axes are not sharded. Then *packing*: groups that share the mesh, the mesh
+  axes of the matrix axes and the dtype but not the shape run as ONE owner
+  round trip when that moves strictly fewer bytes than their own strategies
+  (below).
+
+Groups of fewer matrices than devices (``b < S``), and packing. A group padded
+to ``S`` matrices moves ``2 S / b`` times its local bytes (4.0 for the 4 stacked
+layers of a transformer on 8 devices) and every device computes a matrix, half
+of them zeros. That is close to the floor for a group on its own: an owner must
+receive the ``(S - 1) / S`` of its matrix that it lacks and send back the same,
+``2 (S - 1) / b`` times the local bytes for the busiest device (3.5 at ``b = 4``,
+``S = 8``), and an all-to-all moves equal chunks to every device (the ``S``-th
+chunk is the owner's own block: ``2 S / b``); computing each matrix on 2 devices
+(an all-to-all over half the devices, then an all-gather in pairs) moves the
+same ``2 S / b``. What beats it is to fill the idle owners with the matrices of
+OTHER groups: every matrix of every packed group gets one owner (largest blocks
+first to the least loaded device), each device sends one chunk of ``C`` elements
+to every owner (``C`` the largest owner load: the blocks of all its matrices
+from one source), and each device runs ``f`` on its own matrices only, chosen by
+``lax.switch`` on its mesh index (no zero matrix computed; XLA's cost analysis
+counts the costliest branch: the busiest device). Per device ``2 S C`` elements
+against ``2 sum_g e_g ceil(b_g / S) S`` for padded groups (``e_g`` the elements
+of a local block); the floor is ``C >= sum_g b_g e_g / S`` (perfect balance: 2.0 times the local
+bytes) and ``C >=`` one block of the largest matrix. For the 4-layer GPT of
+``bench/pretrain.py`` (per layer ``256 x 1024``, ``1024 x 256``, ``256 x 768``,
+``256 x 256``; blocks of 32K, 32K, 24K, 8K elements on 8 devices) every device
+must own exactly one of the 8 largest matrices (two would make ``C = 64K``) and
+some device one ``256 x 768`` too, so ``C = 56K`` is optimal: ``2 * 8 * 56K /
+384K = 2.33`` times the matrix bytes (4.0 padded), and the busiest device
+computes ``256 x 1024`` and ``256 x 768`` instead of one matrix of every shape.
 
 Where the sharding comes from. Under ``AxisType.Explicit`` mesh axes every
 array's type carries its ``PartitionSpec`` (``jax.typeof(x).sharding``), which
@@ -229,6 +258,155 @@ def _run_group(fn: Callable[..., jax.Array], items: list[_Item], args: tuple,
   return list(mapped(*(it.x for it in items), *args))
 
 
+class _Group:
+  """The static layout of one group inside a packed round trip (:func:`_run_packed`)."""
+
+  def __init__(self, items: list[_Item]):
+    self.items = items
+    mesh, spec = items[0].mesh, items[0].spec
+    self.m, self.n = items[0].x.shape[-2:]
+    row_axes, col_axes = _names(spec[-2]), _names(spec[-1])
+    self.s_m = math.prod(mesh.shape[a] for a in row_axes)
+    self.s_n = math.prod(mesh.shape[a] for a in col_axes)
+    self.ml, self.nl = self.m // self.s_m, self.n // self.s_n
+    self.local_shapes = [_local_shape(it.x.shape, it.spec, mesh) for it in items]
+    self.counts = [math.prod(shape[:-2]) for shape in self.local_shapes]
+    self.b = sum(self.counts)
+    self.block = self.ml * self.nl  # elements of one local block
+
+  def owner_elements(self, s: int) -> int:
+    """Per-device elements of the auto strategy's collectives for this group alone."""
+    if self.b >= 2:
+      return 2 * -(-self.b // s) * s * self.block  # padded owner: in and out
+    return s * self.block  # replicate: one all-gather
+
+
+def _pack_plan(groups: list[_Group], s: int) -> tuple[list[list[tuple[int, int]]], int]:
+  """Assigns every matrix ``(group, index)`` to one of ``s`` owner devices, largest
+  blocks first to the least loaded device (LPT); returns the per-device lists (in
+  assignment order) and the chunk size ``C`` (elements), the largest load."""
+  order = sorted(((gi, j) for gi, g in enumerate(groups) for j in range(g.b)),
+                 key=lambda t: (-groups[t[0]].block, t[0], t[1]))
+  owned: list[list[tuple[int, int]]] = [[] for _ in range(s)]
+  load = [0] * s
+  for gi, j in order:
+    d = min(range(s), key=lambda k: (load[k], k))
+    owned[d].append((gi, j))
+    load[d] += groups[gi].block
+  return owned, max(load)
+
+
+def _run_packed(fn: Callable[..., jax.Array], groups: list[_Group], args: tuple) -> list[list]:
+  """One shard_map and one all-to-all each way for several groups of matrices that share
+  the mesh, the matrix-axis mesh axes and the dtype but not the shape.
+
+  Every matrix of every group gets one owner device (:func:`_pack_plan`); the blocks
+  of all of a device's matrices travel as one chunk of ``C`` elements (the largest
+  owner load) of a ``(S, C)`` all-to-all; each device runs ``fn`` on its own matrices
+  only, selected by ``lax.switch`` on its mesh index (no padding matrices computed),
+  and a second all-to-all brings the blocks back. Per device the collective bytes are
+  ``2 S C`` elements, against ``2 S sum_g ceil(b_g / S) e_g`` for padded groups.
+  """
+  first = groups[0].items[0]
+  mesh = first.mesh
+  axes = _names(first.spec[-2]) + _names(first.spec[-1])
+  s = math.prod(mesh.shape[a] for a in axes)
+  owned, chunk = _pack_plan(groups, s)
+  offsets = []  # per device: (group, index, offset in the chunk)
+  for mine in owned:
+    o, rows = 0, []
+    for gi, j in mine:
+      rows.append((gi, j, o))
+      o += groups[gi].block
+    offsets.append(rows)
+  signatures = sorted({tuple(gi for gi, _ in mine) for mine in owned})
+  branch_of = [signatures.index(tuple(gi for gi, _ in mine)) for mine in owned]
+
+  def compute(signature, recv, a):
+    """A device owning the groups ``signature`` (in chunk order): ``fn`` on its whole
+    matrices, batched per group; the result blocks in the received layout."""
+    out = jnp.zeros_like(recv)
+    o, by_group = 0, {}
+    for gi in signature:
+      by_group.setdefault(gi, []).append(o)
+      o += groups[gi].block
+    for gi, starts in by_group.items():
+      g = groups[gi]
+      blocks = jnp.stack([recv[:, st : st + g.block] for st in starts], 1)  # (s, k, e)
+      whole = blocks.reshape(g.s_m, g.s_n, len(starts), g.ml, g.nl).transpose(2, 0, 3, 1, 4)
+      res = fn(whole.reshape(len(starts), g.m, g.n), *a)
+      res = res.reshape(len(starts), g.s_m, g.ml, g.s_n, g.nl).transpose(1, 3, 0, 2, 4)
+      res = res.reshape(s, len(starts), g.block)
+      for k, st in enumerate(starts):
+        out = out.at[:, st : st + g.block].set(res[:, k])
+    return out
+
+  n_items = [len(g.items) for g in groups]
+
+  def body(*operands):
+    xs, a = operands[: sum(n_items)], operands[sum(n_items):]
+    cats, k = [], 0
+    for g, n in zip(groups, n_items, strict=True):
+      cats.append(jnp.concatenate([x.reshape(c, g.block) for x, c in
+                                   zip(xs[k : k + n], g.counts, strict=True)]))
+      k += n
+    zero = jnp.zeros((0,), cats[0].dtype)
+    send = jnp.stack([jnp.pad(jnp.concatenate([cats[gi][j] for gi, j, _ in rows] or [zero]),
+                              (0, chunk - sum(groups[gi].block for gi, _, _ in rows)))
+                      for rows in offsets])  # (s, chunk): row d = my blocks of d's matrices
+    recv = jax.lax.all_to_all(send, axes, 0, 0, tiled=True)  # row = source device
+    me = jnp.asarray(branch_of, jnp.int32)[jax.lax.axis_index(axes)]
+    out = jax.lax.switch(me, [lambda r, *a, sig=sig: compute(sig, r, a) for sig in signatures],
+                         recv, *a)
+    back = jax.lax.all_to_all(out, axes, 0, 0, tiled=True)  # row = owner device
+    res = [[None] * g.b for g in groups]
+    for d, rows in enumerate(offsets):
+      for gi, j, o in rows:
+        g = groups[gi]
+        res[gi][j] = back[d, o : o + g.block].reshape(g.ml, g.nl)
+    results = []
+    for g, r in zip(groups, res, strict=True):
+      stacked = jnp.stack(r)
+      starts = [sum(g.counts[:i]) for i in range(len(g.counts))]
+      results.extend(stacked[st : st + c].reshape(shape)
+                     for st, c, shape in zip(starts, g.counts, g.local_shapes, strict=True))
+    return tuple(results)
+
+  items = [it for g in groups for it in g.items]
+  specs = tuple(P(*it.spec) for it in items)
+  mapped = jax.shard_map(body, mesh=mesh, in_specs=specs + (P(),) * len(args), out_specs=specs)
+  flat = list(mapped(*(it.x for it in items), *args))
+  out, k = [], 0
+  for n in n_items:
+    out.append(flat[k : k + n])
+    k += n
+  return out
+
+
+def _packs(groups: list[list[_Item]], strategy: str) -> list[list[list[_Item]]]:
+  """Groups to run together by :func:`_run_packed` (``"auto"`` only): those sharing the
+  mesh, the matrix-axis mesh axes and the dtype, when one packed round trip moves
+  strictly fewer bytes than the groups' own strategies; every other group alone."""
+  if strategy != "auto":
+    return [[g] for g in groups]
+  by_key: dict[tuple, list[list[_Item]]] = {}
+  for g in groups:
+    it = g[0]
+    by_key.setdefault((it.mesh, tuple(it.spec[-2:]), it.x.dtype), []).append(g)
+  out = []
+  for members in by_key.values():
+    layouts = [_Group(g) for g in members]
+    it = members[0][0]
+    s = math.prod(it.mesh.shape[a] for a in _names(it.spec[-2]) + _names(it.spec[-1]))
+    _, chunk = _pack_plan(layouts, s)
+    own = sum(g.owner_elements(s) for g in layouts)
+    if len(members) > 1 and 2 * s * chunk < own:
+      out.append(members)
+    else:
+      out.extend([g] for g in members)
+  return out
+
+
 def owner_computes(
     fn: Callable[..., jax.Array],
     matrices: Sequence[jax.Array],
@@ -298,10 +476,16 @@ def owner_computes(
       continue
     key = (x.shape[-2:], x.dtype, item.spec[-2:], item.mesh)
     groups.setdefault(key, []).append(item)
-  for items in groups.values():
-    for it, y in zip(items, _run_group(fn, items, tuple(args), strategy), strict=True):
-      out[it.index] = y
+  for pack in _packs(list(groups.values()), strategy):
+    if len(pack) == 1:
+      results = [_run_group(fn, pack[0], tuple(args), strategy)]
+    else:
+      results = _run_packed(fn, [_Group(items) for items in pack], tuple(args))
+    for items, ys in zip(pack, results, strict=True):
+      for it, y in zip(items, ys, strict=True):
+        out[it.index] = y
   return out
+
 
 
 def map_matrix_leaves(
