@@ -88,7 +88,7 @@ def methods(rank: int, param_specs: Any = None) -> dict[str, methods_lib.Method]
   out = dict(methods_lib.registry(rank, dims, param_specs))
   out["svd_subspace"] = methods_lib.Method("svd_subspace", lambda lr: optax.chain(
       opt.subspace(optax.scale_by_adam(), opt.svd_projector(rank, update_every=200),
-                   weight_dimension_numbers=dims),
+                   weight_dimension_numbers=dims, param_specs=param_specs),
       optax.add_decayed_weights(0.01), optax.scale_by_learning_rate(lr)), 3e-3)
   # The other gradient-surgery rules (global inner products, as pcgrad): same aux input.
   aux = out["pcgrad"].extra_args

@@ -130,11 +130,12 @@ def registry(
           weight_dimension_numbers=_two_dim_only(dims)), 3e-3,
              note=f"optax.contrib.galore rank {rank}, SVD every 50 steps"),
       Method("dct_adamw", lambda lr: opt.dct_adamw(
-          lr, rank, weight_decay=wd, weight_dimension_numbers=dims), 3e-3,
-             note=f"rank {rank}"),
+          lr, rank, weight_decay=wd, weight_dimension_numbers=dims, param_specs=param_specs),
+             3e-3, note=f"rank {rank}"),
       Method("online_subspace_descent", lambda lr: opt.online_subspace_descent(
-          lr, rank, weight_decay=wd, weight_dimension_numbers=dims), 3e-3,
-             note=f"rank {rank}, projector lr follows lr_t / lr_peak"),
+          lr, rank, weight_decay=wd, weight_dimension_numbers=dims, param_specs=param_specs),
+             3e-3,
+             note=f"rank {rank}, SVD first basis, projector lr follows lr_t / lr_peak"),
       # Orthogonalised updates want Muon-like rates; the other leaves take AdamW at the
       # AdamW rows' 3e-3 (0.15 x the matrices' peak), as the reference trains them apart.
       Method("trion", lambda lr: opt.trion(

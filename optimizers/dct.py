@@ -10,6 +10,7 @@ rebuilds the ``r`` rows it needs from their indices (:func:`dct_rows`).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,16 +108,20 @@ def dct_transform(x: jax.Array, *, method: str = "auto") -> jax.Array:
   return x @ dct_matrix(d).T
 
 
-def top_columns(t: jax.Array, r: int, score: str) -> jax.Array:
+def top_columns(t: jax.Array, r: int, score: str, *, axis_name: Any = None) -> jax.Array:
   """Sorted int32 indices of the ``r`` columns of ``t`` with the largest ``score``
   (``"l2"``: sum of squares, ``"l1"``: sum of magnitudes) along the second-last axis.
 
   ``t`` is divided by its largest magnitude per matrix first: the ranking is the
   same, and ``t * t`` neither underflows to 0 (``|t| ~ 1e-20``, which left every
   score 0 and the choice arbitrary) nor overflows (``|t| ~ 1e20``) in float32.
+  ``axis_name``: inside :func:`optimizers.distributed.map_rows`, ``t`` holds a slice
+  of the rows and the maximum and the scores are reduced over these devices.
   """
-  amax = jnp.max(jnp.abs(t), axis=(-2, -1), keepdims=True)
+  from optimizers.distributed import row_pmax, row_psum
+
+  amax = row_pmax(jnp.max(jnp.abs(t), axis=(-2, -1), keepdims=True), axis_name)
   t = t / jnp.where(amax > 0, amax, jnp.ones_like(amax))
-  scores = jnp.sum(t * t if score == "l2" else jnp.abs(t), axis=-2)
+  scores = row_psum(jnp.sum(t * t if score == "l2" else jnp.abs(t), axis=-2), axis_name)
   _, idx = jax.lax.top_k(scores, r)
   return jnp.sort(idx, axis=-1).astype(jnp.int32)

@@ -45,6 +45,8 @@ def dct_adamw(
     weight_dimension_numbers: WeightDimensionNumbers = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    param_specs: Any = None,
+    sharding_strategy: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with its moments in a DCT subspace of every matrix (SVD-free).
 
@@ -97,6 +99,10 @@ def dct_adamw(
     weight_dimension_numbers: matrix view (see :func:`subspace`).
     mu_dtype: storage dtype of Adam's first moment (``None``: the parameter's).
     nu_dtype: storage dtype of Adam's second moment (``None``: the parameter's).
+    param_specs: the params' ``PartitionSpec`` tree, needed for the owner path
+      of sharded matrices under ``Auto`` mesh axes (see :func:`subspace`).
+    sharding_strategy: how the refresh of sharded matrices is distributed (see
+      :func:`subspace`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` returning ``-lr * direction``.
@@ -119,18 +125,21 @@ def dct_adamw(
   return _projected_adamw(
       projector, learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask,
       scale=scale, weight_dimension_numbers=weight_dimension_numbers, on_refresh=on_refresh,
-      side=side, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      side=side, mu_dtype=mu_dtype, nu_dtype=nu_dtype, param_specs=param_specs,
+      sharding_strategy=sharding_strategy,
   )
 
 
 def _projected_adamw(projector, learning_rate, *, b1, b2, eps, weight_decay, mask, scale,
-                     weight_dimension_numbers, on_refresh, side, mu_dtype, nu_dtype):
+                     weight_dimension_numbers, on_refresh, side, mu_dtype, nu_dtype,
+                     param_specs, sharding_strategy):
   """AdamW whose matrix moments live in ``projector``'s subspace (dct_adamw, OSD)."""
   return optax.chain(
       subspace(
           scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype), projector,
           scale=scale,
           weight_dimension_numbers=weight_dimension_numbers, on_refresh=on_refresh, side=side,
+          param_specs=param_specs, sharding_strategy=sharding_strategy,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -157,6 +166,8 @@ def online_subspace_descent(
     init: str = "dct",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    param_specs: Any = None,
+    sharding_strategy: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Online Subspace Descent: Adam in a subspace tracked by online PCA.
 
@@ -202,6 +213,10 @@ def online_subspace_descent(
       reference's; 0.03 lower loss on the demo model, see :func:`online_pca_projector`).
     mu_dtype: storage dtype of Adam's first moment (``None``: the parameter's).
     nu_dtype: storage dtype of Adam's second moment (``None``: the parameter's).
+    param_specs: the params' ``PartitionSpec`` tree, needed for the owner path
+      of sharded matrices under ``Auto`` mesh axes (see :func:`subspace`).
+    sharding_strategy: how the refresh of sharded matrices is distributed (see
+      :func:`subspace`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` returning ``-lr * direction``.
@@ -231,5 +246,6 @@ def online_subspace_descent(
   return _projected_adamw(
       projector, learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask,
       scale=scale, weight_dimension_numbers=weight_dimension_numbers, on_refresh=on_refresh,
-      side=side, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      side=side, mu_dtype=mu_dtype, nu_dtype=nu_dtype, param_specs=param_specs,
+      sharding_strategy=sharding_strategy,
   )

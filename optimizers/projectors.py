@@ -38,8 +38,16 @@ from optimizers._checks import (
   check_positive,
 )
 from optimizers._lapack import per_matrix
-from optimizers._sharding import reshard_like, sharded_matmul, unshard_axes
+from optimizers._sharding import (
+  explicit_mesh,
+  reshard,
+  reshard_like,
+  sharded_matmul,
+  spec_of,
+  unshard_axes,
+)
 from optimizers.dct import DCT_METHODS, dct_rows, dct_transform, top_columns
+from optimizers.distributed import map_rows, owner_map, row_pmax, row_psum
 from optimizers.linalg import frobenius_norm
 
 __all__ = [
@@ -86,6 +94,13 @@ class Projector(NamedTuple):
     lagged: whether ``next`` differs from ``used``; the moments are then rotated
       after the inner update (from ``used`` to ``next``) instead of before it
       (from the old state to ``used``).
+    sharded_refresh: ``(g, state, count, *, spec, strategy, name) -> (g_low,
+      used, next)``, ``refresh`` for a gradient ``g`` that stays in its
+      parameter's sharding (``spec``: its ``PartitionSpec``, ``None`` to read it
+      from the type), computed on an owner path of :mod:`optimizers.distributed`
+      (no collective inside the matrix math; ``strategy`` as there); equal to
+      ``refresh`` up to the rounding of sums. ``None``: :func:`subspace` uses
+      ``refresh`` on the gradient with its projected axis unsharded.
   """
 
   rank: int
@@ -96,6 +111,7 @@ class Projector(NamedTuple):
   back_project: Callable[..., jax.Array]
   change_of_basis: Callable[..., jax.Array]
   lagged: bool = False
+  sharded_refresh: Callable[..., Any] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -170,6 +186,19 @@ def dct_projector(
     new = DctProjectorState(idx)
     return low, new, new
 
+  def sharded_refresh(g, state, count, *, spec=None, strategy="auto", name="matrix"):
+    del count
+    r = state.indices.shape[-1]
+
+    def rows_fn(rows, axis_name):  # the transform is per row; the scores are sums over rows
+      t = dct_transform(rows, method=method)
+      idx = top_columns(t, r, score, axis_name=axis_name)
+      return jnp.take_along_axis(t, idx[..., None, :], axis=-1), idx
+
+    low, idx = map_rows(rows_fn, g, spec=spec, strategy=strategy, name=name)
+    new = DctProjectorState(reshard_like(idx, state.indices))
+    return low, new, new
+
   def project(g, state):
     return g @ dct_rows(state.indices, g.shape[-1]).mT
 
@@ -179,7 +208,8 @@ def dct_projector(
   def change_of_basis(old, new):
     return (old.indices[..., :, None] == new.indices[..., None, :]).astype(jnp.float32)
 
-  return Projector(rank, update_every, init, refresh, project, back_project, change_of_basis)
+  return Projector(rank, update_every, init, refresh, project, back_project, change_of_basis,
+                   sharded_refresh=sharded_refresh)
 
 
 # ---------------------------------------------------------------------------
@@ -201,6 +231,17 @@ def _from_basis(u: jax.Array, state: Any, d: int) -> jax.Array:
 def _basis_change(old: Any, new: Any) -> jax.Array:
   """``Q_old^T Q_new``."""
   return old.basis.mT @ new.basis
+
+
+def _project_sharded(g: jax.Array, basis: jax.Array) -> jax.Array:
+  """``g Q`` for ``g`` with a sharded projected axis and ``Q`` replicated over it: under
+  Explicit axes ``Q`` is sliced like ``g``'s last axis and the partial products are
+  summed (one all-reduce of the ``k x r`` result); otherwise a plain product."""
+  mesh = explicit_mesh(g)
+  spec = spec_of(g)
+  if mesh is None or spec[-1] is None:
+    return g @ basis
+  return sharded_matmul(g, reshard(basis, (*spec[:-2], spec[-1], None), mesh))
 
 
 # ---------------------------------------------------------------------------
@@ -254,7 +295,20 @@ def svd_projector(rank: int, *, update_every: int = 200) -> Projector:
     new = SvdProjectorState(reshard_like(vh[..., :r, :].mT, state.basis))
     return g @ new.basis, new, new
 
-  return Projector(rank, update_every, init, refresh, _on_basis, _from_basis, _basis_change)
+  def sharded_refresh(g, state, count, *, spec=None, strategy="auto", name="matrix"):
+    del count
+    r = state.basis.shape[-1]
+
+    def top(x):  # whole matrices (q, k, d) on their owner -> (q, d, r)
+      _, _, vh = jnp.linalg.svd(x, full_matrices=False)
+      return vh[..., :r, :].mT
+
+    (basis,) = owner_map(top, [g], specs=[spec], strategy=strategy, names=[name])
+    new = SvdProjectorState(reshard_like(basis, state.basis))
+    return _project_sharded(g, new.basis), new, new
+
+  return Projector(rank, update_every, init, refresh, _on_basis, _from_basis, _basis_change,
+                   sharded_refresh=sharded_refresh)
 
 
 # ---------------------------------------------------------------------------
@@ -415,13 +469,15 @@ def online_pca_projector(
       basis = dct_rows(top_columns(dct_transform(g), r, "l2"), g.shape[-1]).mT
     return state._replace(basis=reshard_like(basis, state.basis))
 
-  def pca_step(g, state, count):
-    norm = frobenius_norm(g)  # safe for |G| ~ 1e-30 and ~ 1e30 (sum G^2 would under/overflow)
+  def pca_step(g, state, count, axis_name=None):
+    # Safe for |G| ~ 1e-30 and ~ 1e30 (sum G^2 would under/overflow); `axis_name`: g holds
+    # a slice of the rows (map_rows), the norm and the Gram products are summed over it.
+    norm = frobenius_norm(g) if axis_name is None else _row_frobenius_norm(g, axis_name)
     ok = jnp.isfinite(norm) & (norm > 0)
     safe_norm = jnp.where(ok, norm, 1.0)
     gn = g / safe_norm
     b = gn @ state.basis
-    grad = _pca_gradient(state.basis, gn, b)
+    grad = _pca_gradient(state.basis, gn, b, axis_name)
     steps_before = count // update_every - 1  # PCA steps already taken
     adam_state = optax.ScaleByAdamState(steps_before.astype(jnp.int32), state.mu, state.nu)
     direction, (adam_state, _) = basis_optimizer.update(
@@ -442,8 +498,29 @@ def online_pca_projector(
         count == 0, lambda: first_step(g, state), lambda: pca_step(g, state, count)
     )
 
+  def sharded_refresh(g, state, count, *, spec=None, strategy="auto", name="matrix"):
+    r, d = state.basis.shape[-1], g.shape[-1]
+
+    def rows_fn(rows, basis, mu, nu, count, axis_name):  # rows: whole columns
+      st = OnlinePcaProjectorState(basis, mu, nu)
+
+      def first():  # the DCT start (row transform, column scores summed over rows)
+        idx = top_columns(dct_transform(rows), r, "l2", axis_name=axis_name)
+        new = st._replace(basis=dct_rows(idx, d).mT)
+        return rows @ new.basis, new, new
+
+      low, used, nxt = jax.lax.cond(
+          count == 0, first, lambda: pca_step(rows, st, count, axis_name))
+      return low, (used, nxt)
+
+    low, (used, nxt) = map_rows(rows_fn, g, operands=tuple(state), args=(count,), spec=spec,
+                                strategy=strategy, name=name)
+    return low, reshard_like(used, state), reshard_like(nxt, state)
+
   return Projector(rank, update_every, init, refresh, _on_basis, _from_basis, _basis_change,
-                   lagged=True)
+                   lagged=True,
+                   # The SVD start needs whole matrices: that option keeps the plain refresh.
+                   sharded_refresh=sharded_refresh if initial_basis == "dct" else None)
 
 
 # ---------------------------------------------------------------------------
@@ -484,7 +561,21 @@ def online_pca_gradient(basis: jax.Array, g: jax.Array) -> jax.Array:
   return _pca_gradient(basis, g, g @ basis)
 
 
-def _pca_gradient(basis: jax.Array, g: jax.Array, b: jax.Array) -> jax.Array:
-  """:func:`online_pca_gradient` given ``b = g @ basis``."""
-  c = sharded_matmul(g.mT, b)
-  return 2.0 * (c @ (basis.mT @ basis) - 2.0 * c + basis @ sharded_matmul(b.mT, b))
+def _pca_gradient(basis: jax.Array, g: jax.Array, b: jax.Array,
+                  axis_name: Any = None) -> jax.Array:
+  """:func:`online_pca_gradient` given ``b = g @ basis`` (``axis_name``: ``g`` and ``b``
+  hold a slice of the rows, the products over rows are summed over these devices)."""
+  if axis_name is None:
+    c, btb = sharded_matmul(g.mT, b), sharded_matmul(b.mT, b)
+  else:  # B^T B = Q^T g^T g Q = Q^T C: no second reduction
+    c = row_psum(g.mT @ b, axis_name)
+    btb = basis.mT @ c
+  return 2.0 * (c @ (basis.mT @ basis) - 2.0 * c + basis @ btb)
+
+
+def _row_frobenius_norm(g: jax.Array, axis_name: Any) -> jax.Array:
+  """:func:`optimizers.linalg.frobenius_norm` of matrices whose rows are split over the
+  devices of ``axis_name`` (the maximum and the sum of squares reduced over them)."""
+  amax = row_pmax(jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True), axis_name)
+  y = g / jnp.where(amax > 0, amax, jnp.ones_like(amax))
+  return amax * jnp.sqrt(row_psum(jnp.sum(y * y, axis=(-2, -1), keepdims=True), axis_name))

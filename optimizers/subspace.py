@@ -20,10 +20,18 @@ low-rank update ``U`` is ``U Q^T``.
 Sharding. Low-rank tensors (the inner optimizer's moments) keep the
 parameter's sharding on the batch and kept axes and are replicated along the
 rank axis; projector arrays (indices, bases) are sharded like the parameter's
-batch axes and replicated otherwise. Under ``AxisType.Explicit`` mesh axes the
-gradient is resharded so that the projected axis is unsharded before the
-transforms (FFT, top-k and SVD need it whole), and the update is resharded back
-to the gradient's sharding.
+batch axes and replicated otherwise. A refresh of a sharded matrix runs on an
+owner path of :mod:`optimizers.distributed` (``sharding_strategy``): the DCT
+selection and the online-PCA step on whole rows (one all-to-all of the
+gradient's block in, the ``k x r`` projection all-gathered back, small
+reductions between), the SVD on whole matrices (one all-to-all in, the
+``d x r`` bases all-gathered back). The sharding is read from the arrays'
+types under ``AxisType.Explicit`` mesh axes and from ``param_specs`` under
+``Auto`` axes. Otherwise (``sharding_strategy="gspmd"``, no sharding
+information) the gradient is resharded so that the projected axis is unsharded
+before the transforms (FFT, top-k and SVD need it whole; under Explicit axes)
+and the partitioner decides. The update is resharded back to the gradient's
+sharding.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import optax
 from optimizers._checks import check_choice, check_positive, check_real_floating
 from optimizers._sharding import explicit_mesh, is_box, reshard, reshard_like, spec_of, unshard_axes
 from optimizers._trees import upcast
+from optimizers.distributed import STRATEGIES, matrix_view_spec
 from optimizers.matrices import (
   WeightDimensionNumbers,
   from_matrix,
@@ -191,12 +200,43 @@ def _gradient(x: jax.Array, plan: _Plan | None) -> jax.Array | None:
   return None if plan is None else unshard_axes(upcast(_oriented(x, plan)), (-1,))
 
 
-def _select(projector: Projector, gs: list, pstates: list, count: jax.Array, refresh: bool):
-  """Per leaf ``(g_low, used, next)`` (see :class:`Projector`): a refresh, or the
-  projection on the kept state; leaves that are not projected keep their state."""
+def _oriented_specs(leaves: list, plans: list, param_specs: Any, treedef) -> list:
+  """Per projected leaf the ``PartitionSpec`` entries of its oriented ``(*batch, k, d)``
+  view: from the type under Explicit axes, else from ``param_specs`` (None: unknown)."""
+  flat = [None] * len(leaves) if param_specs is None else treedef.flatten_up_to(param_specs)
   out = []
-  for g, ps in zip(gs, pstates, strict=True):
+  for x, plan, spec in zip(leaves, plans, flat, strict=True):
+    if plan is None:
+      out.append(None)
+      continue
+    if explicit_mesh(x) is not None:
+      spec = spec_of(x)
+    view = None if spec is None else matrix_view_spec(spec, x.shape, plan.dims)
+    out.append(None if view is None else
+               view[:-2] + ((view[-1], view[-2]) if plan.project_m else view[-2:]))
+  return out
+
+
+def _select(projector: Projector, gs: list, pstates: list, count: jax.Array, refresh: bool,
+            sharded: Any = None, defer: bool = False):
+  """Per leaf ``(g_low, used, next)`` (see :class:`Projector`): a refresh, or the
+  projection on the kept state; leaves that are not projected keep their state.
+  ``sharded``: ``(raw gradients, oriented specs, names, strategy)``, the refresh of a
+  leaf whose matrix axes are sharded runs ``projector.sharded_refresh`` on its raw
+  (parameter-sharded) oriented gradient. ``defer``: for those leaves ``g_low`` is None
+  (refreshed or not), the caller projects on ``used`` once, after the ``lax.cond``."""
+  out = []
+  for i, (g, ps) in enumerate(zip(gs, pstates, strict=True)):
+    spec = None if sharded is None else sharded[1][i]
+    on_owner = spec is not None and any(e is not None for e in spec[-2:])
     if g is None:
+      out.append((None, ps, ps))
+    elif refresh and on_owner:
+      raws, _, names, strategy = sharded
+      low, used, nxt = projector.sharded_refresh(
+          raws[i], ps, count, spec=spec, strategy=strategy, name=names[i])
+      out.append((None if defer else low, reshard_like(used, ps), reshard_like(nxt, ps)))
+    elif defer and on_owner:
       out.append((None, ps, ps))
     elif refresh:
       low, used, nxt = projector.refresh(g, ps, count)
@@ -229,6 +269,8 @@ def subspace(
     weight_dimension_numbers: WeightDimensionNumbers = None,
     on_refresh: str = "keep",
     side: str = "smaller",
+    param_specs: Any = None,
+    sharding_strategy: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` on low-rank projections of the matrix leaves.
 
@@ -298,6 +340,15 @@ def subspace(
       axes, wherever they sit (e.g. ``MatrixDims(0, 2)`` for ``[m, L, n]``).
     on_refresh: ``"keep"``, ``"reset"`` or ``"rotate"``.
     side: ``"smaller"``, ``"larger"``, ``"reduction"`` or ``"output"``.
+    param_specs: the params' ``PartitionSpec`` tree (``None``: replicated), for
+      the owner path of sharded matrices under ``Auto`` mesh axes (under
+      Explicit axes the arrays' types carry it).
+    sharding_strategy: how a refresh of a sharded matrix is distributed (see
+      :mod:`optimizers.distributed`): ``"auto"`` (default), ``"owner"`` or
+      ``"replicate"`` take the owner path (DCT and online PCA on whole rows;
+      the SVD on whole matrices, ``"owner"``/``"replicate"`` as in
+      :func:`optimizers.distributed.owner_map`), ``"gspmd"`` leaves it to the
+      partitioner.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; updates have the gradient's
@@ -326,6 +377,7 @@ def subspace(
   check_positive("scale", scale)
   check_choice("on_refresh", on_refresh, _ON_REFRESH)
   check_choice("side", side, _SIDES)
+  check_choice("sharding_strategy", sharding_strategy, STRATEGIES)
   inner = optax.with_extra_args_support(inner)
   rank, every = projector.rank, projector.update_every
 
@@ -370,6 +422,14 @@ def subspace(
       return inner_updates, state._replace(count=next_count, inner_state=inner_state)
     leaves, treedef, plans = _plans(updates, weight_dimension_numbers, rank, side)
     gs = [_gradient(x, plan) for x, plan in zip(leaves, plans, strict=True)]
+    sharded = None
+    if projector.sharded_refresh is not None and sharding_strategy != "gspmd":
+      raws = [None if p is None else upcast(_oriented(x, p)) for x, p in zip(leaves, plans,
+                                                                             strict=True)]
+      names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+          updates)[0]]
+      sharded = (raws, _oriented_specs(leaves, plans, param_specs, treedef), names,
+                 sharding_strategy)
     # Boxed trees (flax variables): the state is laid out as init_fn made it, the projector
     # state and the projected moments unboxed, the other moments in their parameter's box.
     boxes, boxes_def = jax.tree.flatten(updates, is_leaf=is_box)
@@ -380,17 +440,25 @@ def subspace(
         else treedef.unflatten(values))
     pstates = _per_leaf(state.projector_state, pdef)
 
+    # A sharded leaf of a selection-type projector under a traced refresh condition is
+    # projected once after the lax.cond (not in both branches: one reduction, not two).
+    defer = not projector.lagged and not (isinstance(every, int) and every == 1)
+
     def refreshed(inner_state):
-      lows, used, nxt = _select(projector, gs, pstates, count, refresh=True)
+      lows, used, nxt = _select(projector, gs, pstates, count, refresh=True, sharded=sharded,
+                                defer=defer)
       if on_refresh == "reset" or not projector.lagged:  # lagged: rotated after the update
         inner_state = refit(inner_state, state_def, plans, pstates, used)
       return lows, used, nxt, inner_state
 
     def kept(inner_state):
-      return (*_select(projector, gs, pstates, count, refresh=False), inner_state)
+      return (*_select(projector, gs, pstates, count, refresh=False, sharded=sharded,
+                       defer=defer), inner_state)
 
     due = count % every == 0
     lows, used, nxt, inner_state = when(due, refreshed, kept, state.inner_state)
+    lows = [projector.project(g, us) if low is None and g is not None else low
+            for low, g, us in zip(lows, gs, used, strict=True)]
     low_tree = state_def.unflatten(list(map(_low_leaf, leaves, gs, lows)))
     inner_updates, inner_state = inner.update(low_tree, inner_state, None)
     if on_refresh == "rotate" and projector.lagged:
