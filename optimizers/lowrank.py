@@ -163,7 +163,7 @@ def online_subspace_descent(
     side: str = "smaller",
     weight_dimension_numbers: WeightDimensionNumbers = None,
     schedule_reference: float | jax.Array | None = None,
-    init: str = "dct",
+    init: str = "svd",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     param_specs: Any = None,
@@ -177,9 +177,9 @@ def online_subspace_descent(
   ``lr_t / lr_peak`` when ``learning_rate`` is a schedule, as the reference code
   (``lr_peak``: the schedule's largest value, or ``schedule_reference`` when given),
   so a warm-up from 0 needs nothing extra and the basis never moves faster than at
-  the peak. The first basis comes from the first gradient (``init``: the SVD-free
-  ``"dct"``, default, or ``"svd"``, the reference's; see :func:`online_pca_projector`,
-  which quotes the measured difference and why the default is ``"dct"``). The weights'
+  the peak. The first basis comes from the first gradient (``init``: ``"svd"``, the
+  reference's and the default, or the SVD-free ``"dct"``; see
+  :func:`online_pca_projector`, which quotes the measured difference). The weights'
   Adam moments live in the ``r``-dimensional space and are kept across the (every-step)
   basis updates.
 
@@ -209,8 +209,8 @@ def online_subspace_descent(
     schedule_reference: the schedule value at which the projector's learning
       rate equals ``projector_learning_rate`` (default: the schedule's peak;
       required only for a schedule that closes over traced values).
-    init: the first basis, ``"dct"`` (default: no SVD anywhere) or ``"svd"`` (the
-      reference's; 0.03 lower loss on the demo model, see :func:`online_pca_projector`).
+    init: the first basis, ``"svd"`` (default, the reference's: 0.03 lower loss on the
+      demo model, see :func:`online_pca_projector`) or ``"dct"`` (no SVD anywhere).
     mu_dtype: storage dtype of Adam's first moment (``None``: the parameter's).
     nu_dtype: storage dtype of Adam's second moment (``None``: the parameter's).
     param_specs: the params' ``PartitionSpec`` tree, needed for the owner path

@@ -360,7 +360,7 @@ def online_pca_projector(
     update_every: int = 1,
     schedule: optax.Schedule | None = None,
     schedule_reference: float | jax.Array | None = None,
-    init: str = "dct",
+    init: str = "svd",
 ) -> Projector:
   r"""Online Subspace Descent projector: one AdamW step on the online-PCA loss per step.
 
@@ -389,21 +389,19 @@ def online_pca_projector(
     the update through the projection). ``||G||_F`` is computed overflow- and
     underflow-safe, so a finite ``G`` of any magnitude takes the same step.
   * Initial basis (``init``), chosen at step 0 from the first gradient before it is
-    projected (PCA steps start at step ``update_every``): ``"svd"`` (as the reference
-    code) its top-``r`` right singular vectors (one float32 SVD, at step 0
-    only, under ``lax.cond``); ``"dct"`` the ``r`` DCT-II vectors with the largest
-    ``l2`` scores (the optimal DCT subset, see :func:`dct_projector`; the default): no
-    SVD anywhere in the program. On a rank-4 gradient the DCT start leaves 0.80 of the
-    energy outside the subspace at step 0 (the SVD: 0). Measured on the demo
-    language model (``bench/lowrank_defaults.py``, 300 steps, rank 16, 3 seeds):
-    validation loss
-    2.511 with ``"svd"`` against 2.543 with ``"dct"`` (``svd - dct`` per seed: -0.034,
-    -0.029, -0.032; final train loss -0.038, -0.031, -0.030): the reference's start is
-    better. The default nevertheless stays ``"dct"``: with ``"svd"`` the sharded
-    pretraining script (``bench/pretrain.py``, 8 simulated CPU devices, mesh 4 x 2,
-    scanned layers) hangs in its first compiled step (a runtime wait, not reproduced on
-    small meshes, not yet understood), while ``"dct"`` runs there. Pass ``init="svd"``
-    for the reference's behaviour on a single device.
+    projected (PCA steps start at step ``update_every``): ``"svd"`` (the default, as the
+    reference code) its top-``r`` right singular vectors (one float32 SVD per matrix, at
+    step 0 only, under ``lax.cond``); ``"dct"`` the ``r`` DCT-II vectors with the
+    largest ``l2`` scores (the optimal DCT subset, see :func:`dct_projector`): no SVD
+    anywhere in the program. On a rank-4 gradient the DCT start leaves 0.80 of the
+    energy outside the subspace at step 0 (the SVD: 0). Measured on the demo language
+    model (``bench/lowrank_defaults.py``, 300 steps, rank 16, 3 seeds, re-run with the
+    same figures): validation loss 2.511 with ``"svd"`` against 2.543 with ``"dct"``
+    (``svd - dct`` per seed: -0.034, -0.029, -0.032; final train loss -0.038, -0.031,
+    -0.030), hence the default. On CPU the SVD of stacked matrices is taken one matrix
+    per LAPACK call (a batched call blocks XLA's intra-op threads on its own chunks and
+    could deadlock a program over several simulated CPU devices); elsewhere it is one
+    batched call.
 
   Args:
     rank: rank ``r`` (a Python int >= 1).
@@ -416,7 +414,7 @@ def online_pca_projector(
     schedule: the weights' learning-rate schedule (``count -> lr``) or None.
     schedule_reference: the schedule value that maps to ``learning_rate`` (default:
       the schedule's peak).
-    init: initial basis, ``"svd"`` or ``"dct"`` (see above).
+    init: initial basis, ``"svd"`` (default) or ``"dct"`` (see above).
 
   Returns:
     A :class:`Projector` storing ``3 d r`` float32 values per matrix (``Q`` and
