@@ -36,78 +36,90 @@ def _replicated() -> jax.sharding.PartitionSpec | None:
 def _gram_of_blocks(blocks: Any) -> jax.Array:
   """``M M^T = sum_l M_l M_l^T`` from per-leaf Jacobian blocks ``(B, *leaf_shape)``.
 
-  Without a mesh each block is viewed as a ``(B, P_l)`` matrix and multiplied a block
-  of columns at a time (:func:`_chunked_gram`); on an explicit mesh the contraction
-  keeps the leaf's own axes (and shardings).
+  Without a mesh a block of ~1 MiB at a time (:func:`_chunked_gram`); on an explicit
+  mesh the contraction keeps the leaf's own axes (and shardings).
   """
   rep = _replicated()
   if rep is None:
-    return _chunked_gram([jnp.reshape(j, (j.shape[0], -1)) for j in jax.tree.leaves(blocks)])
+    return _chunked_gram(jax.tree.leaves(blocks))
   terms = [jnp.einsum("b...,c...->bc", j, j, precision=_HIGHEST, out_sharding=rep)
            for j in jax.tree.leaves(blocks)]
   return sum(terms[1:], terms[0])
 
 
-def _row_matrices(blocks: Any) -> list[jax.Array] | None:
-  """Each leaf's block of ``M`` as a ``(B, P_l)`` matrix, formed ONCE; ``None`` on an
-  explicit mesh (there the blocks keep their own axes and shardings).
+# Floats per block of rows that the chunked products below read at a time (1 MiB).
+_CHUNK = 1 << 18
 
-  Every later use (the Gram ``M M^T``, the refinement's rotated rows, ``M^T w``) reads
-  these buffers. Reshaping inside each use instead let XLA pick a different layout per
-  use (the per-example gradient of a kernel comes out of its VJP transposed): it formed
-  the rows two or three times (a second layout for the refinement branch, and a copy of
-  that inside the branch).
+
+def _chunking(j: jax.Array, rows: int) -> tuple[jax.Array, int, int]:
+  """``(j, kc, full)``: a block ``(B, *leaf)`` (scalar leaves as ``(B, 1)``), the slice
+  length ``kc`` along its axis 1 for ~1 MiB pieces of ``rows`` rows, and the number of
+  whole pieces."""
+  if j.ndim == 1:
+    j = j[:, None]
+  kc = max(1, min(j.shape[1], _CHUNK // max(1, rows * math.prod(j.shape[2:]))))
+  return j, kc, j.shape[1] // kc
+
+
+def _chunked_gram(blocks: list[jax.Array], t: jax.Array | None = None) -> jax.Array:
+  """``sum_l X_l X_l^T`` for ``X_l = M_l`` (or ``T^T M_l``), ``M_l`` the block
+  ``(B, *leaf)`` viewed as ``(B, P_l)``, ~1 MiB of it at a time: a ``fori_loop`` over
+  slices along the leaf's first axis, each flattened to ``(B, .)``.
+
+  The blocks are read in their own shape, never flattened whole: every use (this Gram,
+  the refinement's, ``M^T w``) slices the same buffer, so XLA forms the rows once (with
+  a flattened view per use it picked a layout per use and formed them two or three
+  times, and writing the rows straight into a flattened ``(B, P_l)`` buffer cost ~2.5x
+  the time of writing them in the leaf's shape, the per-example outer products indexed
+  through a division per entry). The rotated rows ``T^T M`` never exist whole; and XLA's
+  CPU dot ran the blocked Gram ~2.5x faster than one ``(B, P) x (P, B)`` product
+  (``B = 32``, ``P = 786432``: 36 ms against 96 ms).
   """
-  if _replicated() is not None:
-    return None
-  return [jnp.reshape(j, (j.shape[0], -1)) for j in jax.tree.leaves(blocks)]
-
-
-def _matrices_transpose_times(mats: list[jax.Array], w: jax.Array, blocks: Any) -> Any:
-  """``M^T w`` from the ``(B, P_l)`` matrices, back in the leaves' shapes."""
-  leaves, treedef = jax.tree.flatten(blocks)
-  return jax.tree.unflatten(treedef, [
-      jnp.matmul(w, m, precision=_HIGHEST).reshape(j.shape[1:])
-      for m, j in zip(mats, leaves, strict=True)])
-
-
-def _chunked_gram(mats: list[jax.Array], t: jax.Array | None = None) -> jax.Array:
-  """``sum_l X_l X_l^T`` for ``X_l = M_l`` (or ``T^T M_l``), ``M_l`` of shape ``(B, P_l)``,
-  a block of ~1 MiB of columns at a time (a ``fori_loop`` over column blocks).
-
-  The rotated rows ``T^T M`` never exist whole; and for the plain Gram XLA's CPU dot ran
-  the blocked loop ~2.5x faster than one ``(B, P) x (P, B)`` product (measured at
-  ``B = 32``, ``P = 786432``: 36 ms against 96 ms).
-  """
-  c = mats[0].shape[0] if t is None else t.shape[1]
-  dtype = mats[0].dtype if t is None else t.dtype
-  width = max(1, (1 << 18) // max(1, c, mats[0].shape[0]))  # columns per block
-  total = jnp.zeros((c, c), dtype)
+  num = blocks[0].shape[0]
+  c = num if t is None else t.shape[1]
+  total = jnp.zeros((c, c), blocks[0].dtype if t is None else t.dtype)
 
   def gram(x):
+    x = jnp.reshape(x, (num, -1))
     y = x if t is None else jnp.matmul(t.T, x, precision=_HIGHEST)
     return jnp.matmul(y, y.T, precision=_HIGHEST)
 
-  for m in mats:
-    cols = m.shape[1]
-    full = cols // width
+  for j in blocks:
+    j, kc, full = _chunking(j, max(num, c))
     if full > 1:
       total = jax.lax.fori_loop(
-          0, full, lambda i, acc, m=m: acc + gram(
-              jax.lax.dynamic_slice_in_dim(m, i * width, width, axis=1)), total)
-      if cols % width:
-        total = total + gram(m[:, full * width:])
+          0, full, lambda i, acc, j=j, kc=kc: acc + gram(
+              jax.lax.dynamic_slice_in_dim(j, i * kc, kc, axis=1)), total)
+      if j.shape[1] % kc:
+        total = total + gram(j[:, full * kc:])
     else:
-      total = total + gram(m)
+      total = total + gram(j)
   return total
 
 
+def _chunked_transpose_times(j: jax.Array, w: jax.Array) -> jax.Array:
+  """``M_l^T w`` for one block ``(B, *leaf)``, ~1 MiB of it at a time (as
+  :func:`_chunked_gram`, so that the block is read in its own shape)."""
+  shape = j.shape[1:]
+  j, kc, full = _chunking(j, j.shape[0])
+  dot = lambda x: jnp.tensordot(w, x, axes=1, precision=_HIGHEST)
+  if full <= 1:
+    return dot(j).reshape(shape)
+  out = jax.lax.fori_loop(
+      0, full, lambda i, o: jax.lax.dynamic_update_slice_in_dim(
+          o, dot(jax.lax.dynamic_slice_in_dim(j, i * kc, kc, axis=1)), i * kc, axis=0),
+      jnp.zeros(j.shape[1:], jnp.result_type(w, j)))
+  if j.shape[1] % kc:
+    out = out.at[full * kc:].set(dot(j[:, full * kc:]))
+  return out.reshape(shape)
+
+
 def _rotated_gram_of_blocks(t: jax.Array, blocks: Any) -> jax.Array:
-  """``(T^T M)(T^T M)^T`` from the per-leaf blocks (or ``(B, P_l)`` matrices), without
-  an explicit mesh a block of columns at a time (the rotated rows never exist whole)."""
+  """``(T^T M)(T^T M)^T`` from the per-leaf blocks, without an explicit mesh a block of
+  ~1 MiB at a time (the rotated rows never exist whole)."""
   if _replicated() is not None:
     return _gram_of_blocks(_rotate_blocks(t, blocks))
-  return _chunked_gram([jnp.reshape(j, (j.shape[0], -1)) for j in jax.tree.leaves(blocks)], t)
+  return _chunked_gram(jax.tree.leaves(blocks), t)
 
 
 def _rotate_blocks(t: jax.Array, blocks: Any) -> Any:
@@ -118,9 +130,7 @@ def _rotate_blocks(t: jax.Array, blocks: Any) -> Any:
 def _blocks_transpose_times(blocks: Any, w: jax.Array) -> Any:
   """``M^T w`` per leaf."""
   if _replicated() is None:
-    return jax.tree.map(
-        lambda j: jnp.matmul(w, jnp.reshape(j, (j.shape[0], -1)),
-                             precision=_HIGHEST).reshape(j.shape[1:]), blocks)
+    return jax.tree.map(lambda j: _chunked_transpose_times(j, w), blocks)
   return jax.tree.map(lambda j: jnp.einsum("b,b...->...", w, j, precision=_HIGHEST,
                                            out_sharding=_trailing_spec(j)), blocks)
 

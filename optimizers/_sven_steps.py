@@ -45,14 +45,12 @@ from optimizers._sven_rows import (
   _gram_times,
   _jacobian,
   _keep_mask,
-  _matrices_transpose_times,
   _param_mask,
   _pinv_weights,
   _polyak,
   _replicated,
   _rms,
   _rotated_gram_of_blocks,
-  _row_matrices,
   _row_reduction,
   _Rows,
   _sorted_eigh,
@@ -273,22 +271,17 @@ def _materialised_step(analysis: _Analysis | None, params_c, problem: _Problem, 
     blocks = jax.tree.map(draw.rows.apply, blocks)
   r_used = _row_maps(draw.rows)[0](r)
   m_rows = r_used.shape[0]
-  mats = _row_matrices(blocks)  # (m, P_l) per leaf, formed once; None on an explicit mesh
   if chosen == "svd":
-    check = jnp.concatenate(mats if mats is not None else [
-        jnp.reshape(j, (m_rows, -1), out_sharding=_replicated())
-        for j in jax.tree.leaves(blocks)], axis=1)
+    check = jnp.concatenate(
+        [jnp.reshape(j, (m_rows, -1), out_sharding=_replicated())
+         for j in jax.tree.leaves(blocks)], axis=1)
     u, s, _ = jnp.linalg.svd(check, full_matrices=False)
-  else:
-    check = _gram_of_blocks(blocks if mats is None else mats)
+  else:  # every use reads the blocks in their own shape (see _chunked_gram)
+    check = _gram_of_blocks(blocks)
     u, s = _spectrum(*_sorted_eigh(check), opts.rank, opts.rtol,
-                     lambda t: _rotated_gram_of_blocks(t, blocks if mats is None else mats))
+                     lambda t: _rotated_gram_of_blocks(t, blocks))
   keep = _keep_mask(s, opts.rank, opts.rtol)
-  w = _pinv_weights(u, s, keep, r_used)
-  if mats is None:
-    delta = _blocks_transpose_times(blocks, w)
-  else:
-    delta = _matrices_transpose_times(mats, w, blocks)
+  delta = _blocks_transpose_times(blocks, _pinv_weights(u, s, keep, r_used))
   return _Step(delta, d, r, r_used, u, s, keep, check, nu, draw.key)
 
 
