@@ -22,6 +22,7 @@ and replicated otherwise (the wrapper places them).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -299,10 +300,7 @@ def svd_projector(rank: int, *, update_every: int = 200) -> Projector:
     del count
     r = state.basis.shape[-1]
 
-    def top(x):  # whole matrices (q, k, d) on their owner -> (q, d, r)
-      _, _, vh = jnp.linalg.svd(x, full_matrices=False)
-      return vh[..., :r, :].mT
-
+    top = functools.partial(_top_right_singular_vectors, r=r)
     (basis,) = owner_map(top, [g], specs=[spec], strategy=strategy, names=[name])
     new = SvdProjectorState(reshard_like(basis, state.basis))
     return _project_sharded(g, new.basis), new, new
@@ -498,27 +496,40 @@ def online_pca_projector(
 
   def sharded_refresh(g, state, count, *, spec=None, strategy="auto", name="matrix"):
     r, d = state.basis.shape[-1], g.shape[-1]
+    start = state.basis  # the SVD start: whole matrices on their owners, at step 0 only
+    if initial_basis == "svd":
+      start = jax.lax.cond(count == 0, lambda: owner_map(
+          functools.partial(_top_right_singular_vectors, r=r), [g], specs=[spec],
+          strategy=strategy, names=[name])[0], lambda: state.basis)
 
-    def rows_fn(rows, basis, mu, nu, count, axis_name):  # rows: whole columns
+    def rows_fn(rows, basis, mu, nu, start, count, axis_name):  # rows: whole columns
       st = OnlinePcaProjectorState(basis, mu, nu)
 
-      def first():  # the DCT start (row transform, column scores summed over rows)
-        idx = top_columns(dct_transform(rows), r, "l2", axis_name=axis_name)
-        new = st._replace(basis=dct_rows(idx, d).mT)
+      def first():
+        if initial_basis == "svd":
+          new = st._replace(basis=start)
+        else:  # the DCT start (row transform, column scores summed over rows)
+          idx = top_columns(dct_transform(rows), r, "l2", axis_name=axis_name)
+          new = st._replace(basis=dct_rows(idx, d).mT)
         return rows @ new.basis, new, new
 
       low, used, nxt = jax.lax.cond(
           count == 0, first, lambda: pca_step(rows, st, count, axis_name))
       return low, (used, nxt)
 
-    low, (used, nxt) = map_rows(rows_fn, g, operands=tuple(state), args=(count,), spec=spec,
+    low, (used, nxt) = map_rows(rows_fn, g, operands=(*state, start), args=(count,), spec=spec,
                                 strategy=strategy, name=name)
     return low, reshard_like(used, state), reshard_like(nxt, state)
 
   return Projector(rank, update_every, init, refresh, _on_basis, _from_basis, _basis_change,
-                   lagged=True,
-                   # The SVD start needs whole matrices: that option keeps the plain refresh.
-                   sharded_refresh=sharded_refresh if initial_basis == "dct" else None)
+                   lagged=True, sharded_refresh=sharded_refresh)
+
+
+def _top_right_singular_vectors(x: jax.Array, r: int) -> jax.Array:
+  """The top-``r`` right singular vectors of whole matrices ``(q, k, d)``, ``(q, d, r)``
+  (one matrix per LAPACK call on CPU, see :func:`optimizers._lapack.per_matrix`)."""
+  _, _, vh = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), x)
+  return vh[..., :r, :].mT
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,10 @@ SPECS = {"s": P(None, "data", "model"), "t": P("data", "model"), "u": P("data", 
 METHODS = {
     "dct_adamw": lambda specs: dct_adamw(1e-2, 3, param_specs=specs),
     "online_subspace_descent": lambda specs: online_subspace_descent(
-        1e-2, 3, projector_learning_rate=0.1, param_specs=specs),
+        1e-2, 3, projector_learning_rate=0.1, init="dct", param_specs=specs),
+    # the SVD start on whole matrices (owners), then the online-PCA steps on whole rows
+    "online_subspace_descent_svd": lambda specs: online_subspace_descent(
+        1e-2, 3, projector_learning_rate=0.1, init="svd", param_specs=specs),
     # SVD every 2 steps: the refresh (steps 0, 2) and the kept basis (step 1)
     "svd_subspace": lambda specs: optax.chain(
         subspace(optax.scale_by_adam(), svd_projector(3, update_every=2), param_specs=specs),
