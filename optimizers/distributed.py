@@ -671,6 +671,10 @@ def map_rows(
     >>> cums, cols = map_rows(fn, w)
     >>> bool(jnp.allclose(cums, jnp.cumsum(x, -1))), bool(jnp.allclose(cols, x.sum(0)))
     (True, True)
+
+  References:
+    Modoranu et al., DCT projection, https://arxiv.org/abs/2505.17967;
+    Liang et al., Online Subspace Descent, https://arxiv.org/abs/2408.12857
   """
   _check_strategy(strategy)
   if x.ndim < 2:
@@ -680,7 +684,7 @@ def map_rows(
   why = "gspmd" if strategy == "gspmd" else _resolve(item, spec)
   if why not in ("gspmd", "local", "unknown", None):
     _warn(name, why)
-  if why or not (_split_axes(item.spec[-2], item.mesh) or _split_axes(item.spec[-1], item.mesh)):
+  if why or not (_names(item.spec[-2]) or _names(item.spec[-1])):
     return fn(x, *operands, *args, axis_name=None)
   mesh, spec = item.mesh, item.spec
   row_axes, col_axes = _split_axes(spec[-2], mesh), _split_axes(spec[-1], mesh)
@@ -765,8 +769,13 @@ def owner_map(
     >>> w = jax.device_put(x, jax.NamedSharding(mesh, P(None, None, "x")))
     >>> top = lambda a: jnp.linalg.svd(a, compute_uv=False)[:, :2]  # per matrix, (q, 2)
     >>> (s,) = owner_map(top, [w])
-    >>> s.shape, bool(jnp.allclose(s, top(x), rtol=1e-5))
-    ((8, 2), True)
+    >>> s.shape == (n, 2), bool(jnp.allclose(s, top(x), rtol=1e-5))
+    (True, True)
+
+  References:
+    Ahn et al., "Dion: distributed orthonormalized updates",
+    https://arxiv.org/abs/2504.05295; Zhao et al., GaLore (the SVD projector),
+    https://arxiv.org/abs/2403.03507
   """
   _check_strategy(strategy)
   matrices = list(matrices)
@@ -788,8 +797,7 @@ def owner_map(
       raise ValueError(f"matrices[{i}] must have ndim >= 2, got shape {x.shape}")
     item = _Item(i, x, str(names[i]) if names is not None else f"matrix {i}")
     why = "gspmd" if strategy == "gspmd" else _resolve(item, None if specs is None else specs[i])
-    matrix_axes = () if why else (_split_axes(item.spec[-2], item.mesh)
-                                  + _split_axes(item.spec[-1], item.mesh))
+    matrix_axes = () if why else _names(item.spec[-2]) + _names(item.spec[-1])
     if why or not matrix_axes:
       if why not in ("gspmd", "local", "unknown", None):
         _warn(item.name, why)
@@ -824,7 +832,9 @@ def _owner_map_group(fn: Callable[..., Any], items: list[_Item], args: tuple,
   def body(*operands):
     xs, a = operands[: len(items)], operands[len(items):]
     cat = jnp.concatenate([x.reshape(c, ml, nl) for x, c in zip(xs, counts, strict=True)])
-    if strategy == "owner":
+    if s == 1:  # only mesh axes of size 1: the matrices are whole already
+      res = fn(cat, *a)
+    elif strategy == "owner":
       cat = jnp.pad(cat, ((0, q * s - b), (0, 0), (0, 0)))
       mine = _whole(jax.lax.all_to_all(cat.reshape(s, q, ml, nl), axes, 0, 0, tiled=True),
                     s_m, s_n, ml, nl)

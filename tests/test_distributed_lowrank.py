@@ -184,3 +184,24 @@ def test_owner_map_singular_values(strategy):
     np.testing.assert_allclose(o["s"], ref, rtol=1e-5)
   kinds = collectives(fn.lower(ws).compile().as_text())["by_kind"]
   assert ("all-to-all" in kinds) == (strategy == "owner"), kinds
+
+
+def test_size_one_mesh_axis():
+  """Matrix axes sharded only over a mesh axis of size 1 (Explicit): no collective, the
+  functions run on the whole local matrices (their types still name the axis)."""
+  mesh = jax.make_mesh((1, 8), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  x = np.asarray(jax.random.normal(jax.random.key(5), (8, 16, 12)))
+  w = jax.device_put(x, NamedSharding(mesh, P("model", "data", None)))
+
+  @jax.jit
+  def run(w):
+    rows = map_rows(_rows_fn, w)
+    (vals,) = owner_map(lambda a: jnp.linalg.svd(a, compute_uv=False), [w])
+    return rows, vals
+
+  (cums, (cols, _)), vals = run(w)
+  np.testing.assert_allclose(cums, np.cumsum(x, -1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cols, x.sum(-2), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(vals, np.linalg.svd(x.astype(np.float64), compute_uv=False),
+                             rtol=1e-5)
+  assert collectives(run.lower(w).compile().as_text())["count"] == 0
