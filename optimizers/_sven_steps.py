@@ -271,17 +271,24 @@ def _materialised_step(analysis: _Analysis | None, params_c, problem: _Problem, 
     blocks = jax.tree.map(draw.rows.apply, blocks)
   r_used = _row_maps(draw.rows)[0](r)
   m_rows = r_used.shape[0]
+  # jacrev's blocks come out of a batched matmul in a transposed layout: one row-major
+  # (m, P_l) copy that every use reads (in the leaf's shape XLA made three copies)
+  flat = chosen != "svd" and not problem.separable and _replicated() is None
   if chosen == "svd":
     check = jnp.concatenate(
         [jnp.reshape(j, (m_rows, -1), out_sharding=_replicated())
          for j in jax.tree.leaves(blocks)], axis=1)
     u, s, _ = jnp.linalg.svd(check, full_matrices=False)
-  else:  # every use reads the blocks in their own shape (see _chunked_gram)
+  else:  # every use reads the same blocks, a slice at a time (see _chunked_gram)
+    if flat:
+      blocks = jax.tree.map(lambda j: jnp.reshape(j, (m_rows, -1)), blocks)
     check = _gram_of_blocks(blocks)
     u, s = _spectrum(*_sorted_eigh(check), opts.rank, opts.rtol,
                      lambda t: _rotated_gram_of_blocks(t, blocks))
   keep = _keep_mask(s, opts.rank, opts.rtol)
   delta = _blocks_transpose_times(blocks, _pinv_weights(u, s, keep, r_used))
+  if flat:
+    delta = jax.tree.map(lambda x, p: jnp.reshape(x, p.shape), delta, params_c)
   return _Step(delta, d, r, r_used, u, s, keep, check, nu, draw.key)
 
 
