@@ -39,6 +39,14 @@ def per_matrix(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
   Returns:
     ``fn(x)``: on CPU from a ``lax.map`` over each leading axis (one LAPACK call per
     matrix, run inline); elsewhere from the batched call.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optimizers._lapack import per_matrix
+    >>> x = jnp.arange(24.0).reshape(2, 3, 4)
+    >>> s = per_matrix(lambda a: jnp.linalg.svd(a, compute_uv=False), x)
+    >>> s.shape, bool(jnp.allclose(s, jnp.linalg.svd(x, compute_uv=False)))
+    ((2, 3), True)
   """
   if x.ndim <= 2:
     return fn(x)
