@@ -496,7 +496,6 @@ def owner_computes(
   return out
 
 
-
 def map_matrix_leaves(
     fn: Callable[..., jax.Array],
     leaves: Sequence[Any],
