@@ -252,13 +252,17 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   # With the params' specs, the matrix methods compute whole matrices on owner devices.
   method = methods_lib.registry(cfg.rank, MATRIX_VIEW, p_specs)[cfg.optimizer]
   tx = method.build(schedule)
-  s_specs = state_specs(tx, params, p_specs, mesh)
-  if cfg.zero1:
-    s_specs = opt.zero1_partition_specs(jax.eval_shape(tx.init, params), s_specs, mesh,
+
+  def placed_init(init, specs):
+    """``init(params)`` placed by ``specs`` (with --zero1: sharded over ``data`` too)."""
+    if cfg.zero1:
+      specs = opt.zero1_partition_specs(jax.eval_shape(init, params), specs, mesh,
                                         replicate_below=cfg.zero1_replicate_below)
-  s_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), s_specs,
+    shard = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                          is_leaf=lambda x: isinstance(x, P))
-  opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
+    return shard, jax.jit(init, out_shardings=shard)(params)
+
+  s_shard, opt_state = placed_init(tx.init, state_specs(tx, params, p_specs, mesh))
   state_mem = state_memory(opt_state)
   batch_shard = NamedSharding(mesh, P("data", None))
   # Loss-side EMA teacher (MESA), sharded like the parameters (with --zero1: over ``data``
@@ -266,13 +270,7 @@ def run(cfg: RunConfig) -> list[dict[str, float]]:
   teacher = method.teacher() if method.teacher else None
   t_shard, teacher_state = (), ()
   if teacher is not None:
-    t_specs = teacher.partition_specs(p_specs)
-    if cfg.zero1:
-      t_specs = opt.zero1_partition_specs(jax.eval_shape(teacher.init, params), t_specs, mesh,
-                                          replicate_below=cfg.zero1_replicate_below)
-    t_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), t_specs,
-                           is_leaf=lambda x: isinstance(x, P))
-    teacher_state = jax.jit(teacher.init, out_shardings=t_shard)(params)
+    t_shard, teacher_state = placed_init(teacher.init, teacher.partition_specs(p_specs))
     state_mem.update({f"teacher_{k}": v for k, v in state_memory(teacher_state).items()})
 
   def model_logits(p, tokens):

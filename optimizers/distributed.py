@@ -92,23 +92,24 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from optimizers._sharding import (
-    explicit_mesh,
-    named_sharding,
-    padded_spec,
-    reshard,
-    spec_of,
-    unshard_axes,
+from optimizers._owner_maps import map_rows, owner_map, row_pmax, row_psum
+from optimizers._owners import (
+    STRATEGIES,
+    OwnedMatrix,
+    axis_names,
+    check_strategy,
+    group_matrices,
+    local_shape,
+    warn_fallback,
 )
+from optimizers._sharding import explicit_mesh, padded_spec, reshard, spec_of, unshard_axes
 
 __all__ = [
     "STRATEGIES",
@@ -120,18 +121,6 @@ __all__ = [
     "row_pmax",
     "row_psum",
 ]
-
-STRATEGIES = ("auto", "owner", "replicate", "gspmd")
-
-
-def _names(entry: Any) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _check_strategy(strategy: str) -> None:
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
-
 
 def matrix_view_spec(spec: Any, shape: Sequence[int], dims: Any) -> tuple | None:
   """The spec of the ``(*batch, m, n)`` matrix view of a leaf (see
@@ -170,69 +159,18 @@ def _merged_tail_axes(shape: Sequence[int], dims: Any) -> tuple[int, ...]:
   return red[1:] + out[1:]
 
 
-class _Item:
-  """One matrix array with what :func:`owner_computes` found out about it."""
-
-  def __init__(self, index: int, x: jax.Array, name: str):
-    self.index, self.x, self.name = index, x, name
-    self.mesh: Any = None
-    self.spec: tuple | None = None
-
-
-def _mesh_of(x: Any) -> Any:
-  sharding = named_sharding(x)
-  mesh = None if sharding is None else sharding.mesh
-  if mesh is None or mesh.empty:
-    mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh.empty else mesh
-
-
-def _warn(name: str, reason: str) -> None:
-  warnings.warn(
-      f"owner_computes: {name}: {reason}; using the partitioner's path (correct, with "
-      "collectives inside the matrix function)", stacklevel=4)
-
-
-def _resolve(item: _Item, spec: Any) -> str | None:
-  """Fills ``item.mesh`` / ``item.spec``; returns why the owner path cannot run."""
-  x = item.x
-  mesh = _mesh_of(x)
-  if mesh is None:
-    return "local"
-  if all(t == AxisType.Explicit for t in mesh.axis_types):
-    spec = named_sharding(x).spec  # the type is authoritative
-  elif spec is None:
-    return "unknown"  # Auto axes: the type carries no spec
-  spec = padded_spec(spec, x.ndim)
-  if len(spec) != x.ndim:
-    return f"spec {spec} does not fit shape {x.shape}"
-  for dim, entry in zip(x.shape, spec, strict=True):
-    names = _names(entry)
-    if any(n not in mesh.axis_names for n in names):
-      return f"spec {spec} names an axis not in the mesh {mesh.axis_names}"
-    if dim % math.prod(mesh.shape[n] for n in names):
-      return f"a mesh axis does not divide the shape {x.shape} (spec {spec})"
-  item.mesh, item.spec = mesh, spec
-  return None
-
-
-def _local_shape(shape: tuple[int, ...], spec: tuple, mesh: Any) -> tuple[int, ...]:
-  return tuple(d // math.prod(mesh.shape[n] for n in _names(e))
-               for d, e in zip(shape, spec, strict=True))
-
-
-def _run_group(fn: Callable[..., jax.Array], items: list[_Item], args: tuple,
+def _run_group(fn: Callable[..., jax.Array], items: list[OwnedMatrix], args: tuple,
                strategy: str) -> list[jax.Array]:
   """One shard_map over a group of matrices with equal shape and matrix-axis sharding."""
   mesh = items[0].mesh
   m, n = items[0].x.shape[-2:]
-  row_axes, col_axes = _names(items[0].spec[-2]), _names(items[0].spec[-1])
+  row_axes, col_axes = axis_names(items[0].spec[-2]), axis_names(items[0].spec[-1])
   axes = row_axes + col_axes
   s_m = math.prod(mesh.shape[a] for a in row_axes)
   s_n = math.prod(mesh.shape[a] for a in col_axes)
   s = s_m * s_n
   ml, nl = m // s_m, n // s_n
-  local_shapes = [_local_shape(it.x.shape, it.spec, mesh) for it in items]
+  local_shapes = [local_shape(it.x.shape, it.spec, mesh) for it in items]
   counts = [math.prod(shape[:-2]) for shape in local_shapes]
   b = sum(counts)
   if strategy == "auto":
@@ -270,15 +208,15 @@ def _run_group(fn: Callable[..., jax.Array], items: list[_Item], args: tuple,
 class _Group:
   """The static layout of one group inside a packed round trip (:func:`_run_packed`)."""
 
-  def __init__(self, items: list[_Item]):
+  def __init__(self, items: list[OwnedMatrix]):
     self.items = items
     mesh, spec = items[0].mesh, items[0].spec
     self.m, self.n = items[0].x.shape[-2:]
-    row_axes, col_axes = _names(spec[-2]), _names(spec[-1])
+    row_axes, col_axes = axis_names(spec[-2]), axis_names(spec[-1])
     self.s_m = math.prod(mesh.shape[a] for a in row_axes)
     self.s_n = math.prod(mesh.shape[a] for a in col_axes)
     self.ml, self.nl = self.m // self.s_m, self.n // self.s_n
-    self.local_shapes = [_local_shape(it.x.shape, it.spec, mesh) for it in items]
+    self.local_shapes = [local_shape(it.x.shape, it.spec, mesh) for it in items]
     self.counts = [math.prod(shape[:-2]) for shape in self.local_shapes]
     self.b = sum(self.counts)
     self.block = self.ml * self.nl  # elements of one local block
@@ -318,7 +256,7 @@ def _run_packed(fn: Callable[..., jax.Array], groups: list[_Group], args: tuple)
   """
   first = groups[0].items[0]
   mesh = first.mesh
-  axes = _names(first.spec[-2]) + _names(first.spec[-1])
+  axes = axis_names(first.spec[-2]) + axis_names(first.spec[-1])
   s = math.prod(mesh.shape[a] for a in axes)
   owned, chunk = _pack_plan(groups, s)
   offsets = []  # per device: (group, index, offset in the chunk)
@@ -392,13 +330,13 @@ def _run_packed(fn: Callable[..., jax.Array], groups: list[_Group], args: tuple)
   return out
 
 
-def _packs(groups: list[list[_Item]], strategy: str) -> list[list[list[_Item]]]:
+def _packs(groups: list[list[OwnedMatrix]], strategy: str) -> list[list[list[OwnedMatrix]]]:
   """Groups to run together by :func:`_run_packed` (``"auto"`` only): those sharing the
   mesh, the matrix-axis mesh axes and the dtype, when one packed round trip moves
   strictly fewer bytes than the groups' own strategies; every other group alone."""
   if strategy != "auto":
     return [[g] for g in groups]
-  by_key: dict[tuple, list[list[_Item]]] = {}
+  by_key: dict[tuple, list[list[OwnedMatrix]]] = {}
   for g in groups:
     it = g[0]
     by_key.setdefault((it.mesh, tuple(it.spec[-2:]), it.x.dtype), []).append(g)
@@ -406,7 +344,7 @@ def _packs(groups: list[list[_Item]], strategy: str) -> list[list[list[_Item]]]:
   for members in by_key.values():
     layouts = [_Group(g) for g in members]
     it = members[0][0]
-    s = math.prod(it.mesh.shape[a] for a in _names(it.spec[-2]) + _names(it.spec[-1]))
+    s = math.prod(it.mesh.shape[a] for a in axis_names(it.spec[-2]) + axis_names(it.spec[-1]))
     _, chunk = _pack_plan(layouts, s)
     own = sum(g.owner_elements(s) for g in layouts)
     if len(members) > 1 and 2 * s * chunk < own:
@@ -464,28 +402,9 @@ def owner_computes(
     >>> bool(jnp.allclose(out, orthogonalize(x), atol=1e-5)), out.sharding == w.sharding
     (True, True)
   """
-  _check_strategy(strategy)
-  matrices = list(matrices)
-  if specs is not None and len(specs) != len(matrices):
-    raise ValueError(f"specs must have one entry per matrix ({len(matrices)}), got {len(specs)}")
-  if names is not None and len(names) != len(matrices):
-    raise ValueError(f"names must have one entry per matrix ({len(matrices)}), got {len(names)}")
-  out: list[Any] = [None] * len(matrices)
-  groups: dict[tuple, list[_Item]] = {}
-  for i, x in enumerate(matrices):
-    if x.ndim < 2:
-      raise ValueError(f"matrices[{i}] must have ndim >= 2, got shape {x.shape}")
-    item = _Item(i, x, str(names[i]) if names is not None else f"matrix {i}")
-    why = "gspmd" if strategy == "gspmd" else _resolve(item, None if specs is None else specs[i])
-    matrix_axes = () if why else _names(item.spec[-2]) + _names(item.spec[-1])
-    if why or not matrix_axes:
-      if why not in ("gspmd", "local", "unknown", None):
-        _warn(item.name, why)
-      out[i] = fn(x, *args)
-      continue
-    key = (x.shape[-2:], x.dtype, item.spec[-2:], item.mesh)
-    groups.setdefault(key, []).append(item)
-  for pack in _packs(list(groups.values()), strategy):
+  out, groups = group_matrices(list(matrices), specs, names, strategy,
+                               lambda x: fn(x, *args))
+  for pack in _packs(groups, strategy):
     if len(pack) == 1:
       results = [_run_group(fn, pack[0], tuple(args), strategy)]
     else:
@@ -539,7 +458,7 @@ def map_matrix_leaves(
   """
   from optimizers.matrices import from_matrix, to_matrix
 
-  _check_strategy(strategy)
+  check_strategy(strategy)
   leaves, dims = list(leaves), list(dims)
   if len(dims) != len(leaves):
     raise ValueError(f"dims must have one entry per leaf ({len(leaves)}), got {len(dims)}")
@@ -555,7 +474,7 @@ def map_matrix_leaves(
     spec = None if leaf_spec is None else matrix_view_spec(leaf_spec, x.shape, d)
     if leaf_spec is not None and spec is None:
       # A sharded axis merged behind another: the view has no block structure.
-      _warn(names[i], f"spec {leaf_spec} does not give blocks of the matrix view {d}")
+      warn_fallback(names[i], f"spec {leaf_spec} does not give blocks of the matrix view {d}")
       whole = unshard_axes(x, _merged_tail_axes(x.shape, d))  # Explicit axes only
       y = from_matrix(fn(to_matrix(whole, d), *args), d, x.shape)
       out[i] = reshard(y, spec_of(x), mesh)
@@ -571,286 +490,3 @@ def map_matrix_leaves(
   for i, y in zip(index, results, strict=True):
     out[i] = from_matrix(y, dims[i], leaves[i].shape)
   return out
-
-
-# ---------------------------------------------------------------------------
-# Matrix functions whose per-matrix outputs have other shapes (the low-rank
-# projectors): rows with a whole last axis, and owners returning small results.
-# ---------------------------------------------------------------------------
-
-
-def row_psum(x: jax.Array, axis_name: Any) -> jax.Array:
-  """``x`` summed over the devices of ``axis_name`` (``None``: ``x``): the reduction a
-  function run by :func:`map_rows` applies to its partial sums over rows."""
-  return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def row_pmax(x: jax.Array, axis_name: Any) -> jax.Array:
-  """``x``'s elementwise maximum over the devices of ``axis_name`` (``None``: ``x``)."""
-  return x if axis_name is None else jax.lax.pmax(x, axis_name)
-
-
-def _batch_spec(spec: tuple) -> P:
-  return P(*spec[:-2])
-
-
-def _split_axes(entry: Any, mesh: Any) -> tuple[str, ...]:
-  """The mesh axes of a spec entry that split it (size > 1: a size-1 axis moves no data)."""
-  return tuple(a for a in _names(entry) if mesh.shape[a] > 1)
-
-
-def map_rows(
-    fn: Callable[..., tuple[Any, Any]],
-    x: jax.Array,
-    *,
-    operands: Sequence[Any] = (),
-    args: Sequence[Any] = (),
-    spec: Any = None,
-    strategy: str = "auto",
-    name: str = "matrix",
-) -> tuple[Any, Any]:
-  r"""Runs a row-separable matrix function with each device holding whole rows.
-
-  For functions of ``X`` (``(*batch, k, d)``) that treat the rows independently
-  except for sums over rows, e.g. a transform of every row followed by a
-  selection from column scores ``s_f = sum_i T_if^2`` (DCT), or the projection
-  ``B = X Q`` and the Gram products ``X^T B``, ``B^T B`` (online PCA). With the
-  rows sharded over ``S_k`` devices and the columns over ``S_d``:
-
-  1. one :func:`jax.lax.all_to_all` over the column mesh axes makes the last
-     axis whole and splits the rows further: every device holds a
-     ``(k / (S_k S_d)) x d`` slice of rows (the same bytes as its block, no
-     padding, no device holding a copy of another's rows);
-  2. ``fn(rows, *operands, *args, axis_name=axes)`` runs on it; it reduces its
-     partial sums over rows with :func:`row_psum` / :func:`row_pmax` over
-     ``axis_name`` (small: ``d``-vectors, ``d x r`` and ``r x r`` matrices);
-  3. its *row outputs* (per row, e.g. ``X Q`` of shape ``(k_local, r)``) are
-     all-gathered over the column axes back to the input's row sharding
-     (replicated over the column axes); its *replicated outputs* (identical on
-     every device of the group: indices, bases) are returned sharded like the
-     batch axes.
-
-  Per device the collective bytes are those of the local block (in) plus the
-  row outputs' block (out) plus the reductions; no matrix of size ``k x d`` is
-  ever replicated. Without column sharding there is no relayout. When ``S_k S_d``
-  does not divide ``k`` the rows are all-gathered over the column axes instead
-  (``S_d`` times the bytes, correct). Without sharding information (no mesh,
-  ``Auto`` axes and no ``spec``, or ``strategy="gspmd"``) ``fn`` runs on the
-  global array with ``axis_name=None`` (sums over all rows) and the partitioner
-  decides; a spec that does not fit the array does the same with a warning.
-
-  Args:
-    fn: ``(rows, *operands, *args, axis_name) -> (row_out, rep_out)``; ``rows``
-      is ``(*batch, k_local, d)``; ``row_out`` a pytree of arrays
-      ``(*batch, k_local, ...)``; ``rep_out`` a pytree of arrays ``(*batch, ...)``
-      made identical across ``axis_name`` by the reductions. No other collective.
-    x: the matrices, ``(*batch, k, d)``.
-    operands: per-matrix arrays ``(*batch, ...)`` sharded like the batch axes
-      and replicated otherwise (e.g. a basis and its moments).
-    args: replicated extra operands (scalars).
-    spec: ``x``'s ``PartitionSpec`` (read from the type under Explicit axes).
-    strategy: ``"gspmd"`` runs ``fn`` on the global arrays; any other value of
-      ``STRATEGIES`` takes the row layout.
-    name: the matrix's name for the fallback warning.
-
-  Returns:
-    ``(row_out, rep_out)``: row outputs ``(*batch, k, ...)`` sharded like ``x``'s
-    batch and row axes, replicated outputs ``(*batch, ...)`` like its batch axes.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> from jax.sharding import PartitionSpec as P, AxisType
-    >>> from optimizers.distributed import map_rows, row_psum
-    >>> n = jax.device_count()
-    >>> mesh = jax.make_mesh((n,), ("x",), axis_types=(AxisType.Explicit,))
-    >>> x = jax.random.normal(jax.random.key(0), (2 * n, 4 * n))
-    >>> w = jax.device_put(x, jax.NamedSharding(mesh, P(None, "x")))  # columns sharded
-    >>> def fn(rows, axis_name):  # every row's cumulative sum, and the column sums
-    ...   return jnp.cumsum(rows, -1), row_psum(rows.sum(-2), axis_name)
-    >>> cums, cols = map_rows(fn, w)
-    >>> bool(jnp.allclose(cums, jnp.cumsum(x, -1))), bool(jnp.allclose(cols, x.sum(0)))
-    (True, True)
-
-  References:
-    Modoranu et al., DCT projection, https://arxiv.org/abs/2505.17967;
-    Liang et al., Online Subspace Descent, https://arxiv.org/abs/2408.12857
-  """
-  _check_strategy(strategy)
-  if x.ndim < 2:
-    raise ValueError(f"x must have ndim >= 2, got shape {x.shape}")
-  operands, args = tuple(operands), tuple(args)
-  item = _Item(0, x, name)
-  why = "gspmd" if strategy == "gspmd" else _resolve(item, spec)
-  if why not in ("gspmd", "local", "unknown", None):
-    _warn(name, why)
-  if why or not (_names(item.spec[-2]) or _names(item.spec[-1])):
-    return fn(x, *operands, *args, axis_name=None)
-  mesh, spec = item.mesh, item.spec
-  row_axes, col_axes = _split_axes(spec[-2], mesh), _split_axes(spec[-1], mesh)
-  s = math.prod(mesh.shape[a] for a in row_axes + col_axes)
-  split = bool(col_axes) and x.shape[-2] % s == 0
-  row_dim, col_dim = x.ndim - 2, x.ndim - 1
-
-  def body(xl, *rest):
-    if split:  # whole columns, rows split over all the matrix axes
-      xl = jax.lax.all_to_all(xl, col_axes, row_dim, col_dim, tiled=True)
-    elif col_axes:  # rows not divisible: whole columns, rows as sharded (copies over columns)
-      xl = jax.lax.all_gather(xl, col_axes, axis=col_dim, tiled=True)
-    axes = row_axes + col_axes if split else row_axes
-    rows, rep = fn(xl, *rest, axis_name=axes or None)
-    if split:
-      rows = jax.tree.map(lambda y: jax.lax.all_gather(y, col_axes, axis=row_dim, tiled=True),
-                          rows)
-    return rows, rep
-
-  batch = _batch_spec(spec)
-  mapped = jax.shard_map(
-      body, mesh=mesh, in_specs=(P(*spec),) + (batch,) * len(operands) + (P(),) * len(args),
-      out_specs=(P(*spec[:-1]), batch), check_vma=False)  # all_gather results are replicated
-  return mapped(x, *operands, *args)
-
-
-def _whole(blocks: jax.Array, s_m: int, s_n: int, ml: int, nl: int) -> jax.Array:
-  """``(s, k, ml, nl)`` blocks (axis 0 the source device, row-major over the row then
-  column mesh axes) -> the ``k`` whole ``(s_m ml) x (s_n nl)`` matrices."""
-  k = blocks.shape[1]
-  y = blocks.reshape(s_m, s_n, k, ml, nl).transpose(2, 0, 3, 1, 4)
-  return y.reshape(k, s_m * ml, s_n * nl)
-
-
-def owner_map(
-    fn: Callable[..., Any],
-    matrices: Sequence[jax.Array],
-    *,
-    args: Sequence[Any] = (),
-    specs: Sequence[Any] | None = None,
-    strategy: str = "auto",
-    names: Sequence[str] | None = None,
-) -> list[Any]:
-  r"""A matrix function with small per-matrix results, each matrix computed whole on one device.
-
-  The generalisation of :func:`owner_computes` to functions whose outputs are
-  not matrices of the input's shape, e.g. the top-``r`` right singular vectors
-  (``d x r``) of an SVD projector refresh. The matrices are grouped and sent to
-  their owners as there (one all-to-all in, the group padded to a multiple of
-  the ``S`` devices sharding the matrix axes); ``fn`` runs locally on
-  ``q = ceil(b / S)`` whole matrices; its outputs (a pytree of arrays
-  ``(q, ...)``) are all-gathered over the matrix axes, so every device of the
-  group holds the results of all the group's matrices: per device
-  ``S q / b`` times the bytes of the results (small by design), replicated over
-  the matrix axes and sharded like the matrices' batch axes, the layout of the
-  low-rank projectors' states. ``"replicate"`` (the ``"auto"`` choice for a
-  group of a single matrix) all-gathers the whole matrices instead and computes
-  all of them on every device; ``"gspmd"``, missing sharding information and
-  bad shardings (with a warning) run ``fn`` on the global arrays, as
-  :func:`owner_computes` does.
-
-  Args:
-    fn: ``(x, *args) -> pytree`` of arrays with leading axis the matrices of
-      ``x`` (``(q, m, n)``), matrix by matrix, no collective; zero matrices
-      (padding) must not raise.
-    matrices: arrays ``(*batch, m, n)``.
-    args: replicated extra operands of ``fn``.
-    specs: the ``PartitionSpec`` of each matrix (see :func:`owner_computes`).
-    strategy: ``"auto"``, ``"owner"``, ``"replicate"`` or ``"gspmd"``.
-    names: a name per matrix for the fallback warning.
-
-  Returns:
-    Per matrix, the pytree of ``fn``'s outputs with leading axes ``batch``.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> from jax.sharding import PartitionSpec as P, AxisType
-    >>> from optimizers.distributed import owner_map
-    >>> n = jax.device_count()
-    >>> mesh = jax.make_mesh((n,), ("x",), axis_types=(AxisType.Explicit,))
-    >>> x = jax.random.normal(jax.random.key(0), (n, 4, 2 * n))
-    >>> w = jax.device_put(x, jax.NamedSharding(mesh, P(None, None, "x")))
-    >>> top = lambda a: jnp.linalg.svd(a, compute_uv=False)[:, :2]  # per matrix, (q, 2)
-    >>> (s,) = owner_map(top, [w])
-    >>> s.shape == (n, 2), bool(jnp.allclose(s, top(x), rtol=1e-5))
-    (True, True)
-
-  References:
-    Ahn et al., "Dion: distributed orthonormalized updates",
-    https://arxiv.org/abs/2504.05295; Zhao et al., GaLore (the SVD projector),
-    https://arxiv.org/abs/2403.03507
-  """
-  _check_strategy(strategy)
-  matrices = list(matrices)
-  if specs is not None and len(specs) != len(matrices):
-    raise ValueError(f"specs must have one entry per matrix ({len(matrices)}), got {len(specs)}")
-  if names is not None and len(names) != len(matrices):
-    raise ValueError(f"names must have one entry per matrix ({len(matrices)}), got {len(names)}")
-  args = tuple(args)
-
-  def unbatched(x):  # fn on the global (*batch, m, n) array
-    batch = x.shape[:-2]
-    out = fn(x.reshape(-1, *x.shape[-2:]), *args)
-    return jax.tree.map(lambda y: y.reshape(*batch, *y.shape[1:]), out)
-
-  out: list[Any] = [None] * len(matrices)
-  groups: dict[tuple, list[_Item]] = {}
-  for i, x in enumerate(matrices):
-    if x.ndim < 2:
-      raise ValueError(f"matrices[{i}] must have ndim >= 2, got shape {x.shape}")
-    item = _Item(i, x, str(names[i]) if names is not None else f"matrix {i}")
-    why = "gspmd" if strategy == "gspmd" else _resolve(item, None if specs is None else specs[i])
-    matrix_axes = () if why else _names(item.spec[-2]) + _names(item.spec[-1])
-    if why or not matrix_axes:
-      if why not in ("gspmd", "local", "unknown", None):
-        _warn(item.name, why)
-      out[i] = unbatched(x)
-      continue
-    groups.setdefault((x.shape[-2:], x.dtype, item.spec[-2:], item.mesh), []).append(item)
-  for items in groups.values():
-    for it, y in zip(items, _owner_map_group(fn, items, args, strategy), strict=True):
-      out[it.index] = y
-  return out
-
-
-def _owner_map_group(fn: Callable[..., Any], items: list[_Item], args: tuple,
-                     strategy: str) -> list[Any]:
-  """One shard_map of :func:`owner_map` over a group (equal shape and matrix sharding)."""
-  mesh = items[0].mesh
-  m, n = items[0].x.shape[-2:]
-  row_axes = _split_axes(items[0].spec[-2], mesh)
-  col_axes = _split_axes(items[0].spec[-1], mesh)
-  axes = row_axes + col_axes
-  s_m = math.prod(mesh.shape[a] for a in row_axes)
-  s_n = math.prod(mesh.shape[a] for a in col_axes)
-  s = s_m * s_n
-  ml, nl = m // s_m, n // s_n
-  batch_shapes = [_local_shape(it.x.shape, it.spec, mesh)[:-2] for it in items]
-  counts = [math.prod(shape) for shape in batch_shapes]
-  b = sum(counts)
-  if strategy == "auto":
-    strategy = "owner" if b >= 2 else "replicate"
-  q = -(-b // s)
-
-  def body(*operands):
-    xs, a = operands[: len(items)], operands[len(items):]
-    cat = jnp.concatenate([x.reshape(c, ml, nl) for x, c in zip(xs, counts, strict=True)])
-    if s == 1:  # only mesh axes of size 1: the matrices are whole already
-      res = fn(cat, *a)
-    elif strategy == "owner":
-      cat = jnp.pad(cat, ((0, q * s - b), (0, 0), (0, 0)))
-      mine = _whole(jax.lax.all_to_all(cat.reshape(s, q, ml, nl), axes, 0, 0, tiled=True),
-                    s_m, s_n, ml, nl)
-      res = jax.tree.map(lambda y: jax.lax.all_gather(y, axes, axis=0, tiled=True)[:b],
-                         fn(mine, *a))
-    else:  # replicate
-      res = fn(_whole(jax.lax.all_gather(cat, axes, axis=0, tiled=False), s_m, s_n, ml, nl), *a)
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-
-    def part(st, c, sh):  # one matrix array's results, with its own batch shape
-      return jax.tree.map(lambda y: y[st : st + c].reshape(*sh, *y.shape[1:]), res)
-
-    return tuple(part(*z) for z in zip(starts, counts, batch_shapes, strict=True))
-
-  in_specs = tuple(P(*it.spec) for it in items) + (P(),) * len(args)
-  out_specs = tuple(_batch_spec(it.spec) for it in items)
-  # The all-gathered results are replicated over the matrix axes (not inferable: no check).
-  mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)
-  return list(mapped(*(it.x for it in items), *args))
