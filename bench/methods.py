@@ -140,7 +140,7 @@ def registry(
       # AdamW rows' 3e-3 (0.15 x the matrices' peak), as the reference trains them apart.
       Method("trion", lambda lr: opt.trion(
           lr, rank, weight_decay=wd, adam_learning_rate=_scaled(lr, 0.15),
-          weight_dimension_numbers=dims), 2e-2,
+          weight_dimension_numbers=dims, param_specs=param_specs), 2e-2,
              note=f"rank {rank}, DCT l1 + Newton-Schulz, error feedback"),
       Method("sam", lambda lr: optax.chain(reg.sam(0.05), optax.adamw(lr, weight_decay=wd)), 3e-3,
              _grad_fn, "SAM rho 0.05 + AdamW"),

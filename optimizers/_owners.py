@@ -22,6 +22,11 @@ def axis_names(entry: Any) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def batch_axes(spec: tuple) -> tuple[str, ...]:
+  """The mesh axes that shard the batch axes of a ``(*batch, m, n)`` spec, sorted."""
+  return tuple(sorted({n for e in spec[:-2] for n in axis_names(e)}))
+
+
 def check_strategy(strategy: str) -> None:
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
@@ -111,5 +116,8 @@ def group_matrices(
         warn_fallback(item.name, why)
       out[i] = local(x)
       continue
-    groups.setdefault((x.shape[-2:], x.dtype, item.spec[-2:], item.mesh), []).append(item)
+    # The mesh axes of the batch axes are part of the key: a group's results vary over
+    # the union of its members' batch axes (shard_map's replication check).
+    groups.setdefault((x.shape[-2:], x.dtype, item.spec[-2:], item.mesh,
+                       batch_axes(item.spec)), []).append(item)
   return out, list(groups.values())

@@ -104,6 +104,7 @@ from optimizers._owners import (
     STRATEGIES,
     OwnedMatrix,
     axis_names,
+    batch_axes,
     check_strategy,
     group_matrices,
     local_shape,
@@ -339,7 +340,8 @@ def _packs(groups: list[list[OwnedMatrix]], strategy: str) -> list[list[list[Own
   by_key: dict[tuple, list[list[OwnedMatrix]]] = {}
   for g in groups:
     it = g[0]
-    by_key.setdefault((it.mesh, tuple(it.spec[-2:]), it.x.dtype), []).append(g)
+    by_key.setdefault((it.mesh, tuple(it.spec[-2:]), it.x.dtype, batch_axes(it.spec)),
+                      []).append(g)
   out = []
   for members in by_key.values():
     layouts = [_Group(g) for g in members]

@@ -20,6 +20,14 @@ embeddings) take AdamW, as in the reference. Steps 2–3 are :func:`optimizers.s
 with a :func:`optimizers.dct_projector` and a Newton–Schulz inner transformation; the
 buffer ``M`` is the only full-size state (as Muon's momentum), plus ``r`` int32 indices
 per matrix. No SVD, QR or eigendecomposition.
+
+Sharding. On a device mesh the DCT selection runs on whole rows and the Newton–Schulz
+iterations on whole ``k x r`` matrices on owner devices (:mod:`optimizers.distributed`,
+``sharding_strategy``): one all-to-all in and one out per group of projected momenta,
+no collective inside the iterations. The rank-space momenta keep the parameter's mesh
+axes on the batch and kept axes, the rank axis replicated; the specs are read from the
+arrays' types under ``AxisType.Explicit`` mesh axes and derived from ``param_specs``
+under ``Auto`` axes.
 """
 
 from __future__ import annotations
@@ -40,12 +48,20 @@ from optimizers._checks import (
   check_real_floating,
 )
 from optimizers._moments import scale_by_adam
-from optimizers._sharding import box_value, is_box
+from optimizers._sharding import box_value, is_box, reshard_like
+from optimizers.distributed import STRATEGIES, map_matrix_leaves
 from optimizers.linalg import NS_COEFFS, orthogonalize
 from optimizers.matrices import MatrixDims, WeightDimensionNumbers, resolve_matrix_dims
 from optimizers.projectors import dct_projector
 from optimizers.spectral import scale_by_shape_factor
-from optimizers.subspace import SubspaceState, _from_oriented, _oriented, _plans, subspace
+from optimizers.subspace import (
+  SubspaceState,
+  _from_oriented,
+  _low_spec,
+  _oriented_specs,
+  _plans,
+  subspace,
+)
 
 __all__ = ["TrionState", "scale_by_trion", "trion"]
 
@@ -69,15 +85,28 @@ class TrionState(NamedTuple):
   subspace: SubspaceState
 
 
-def _orthogonalized(ns_steps: int, coeffs: Any) -> optax.GradientTransformation:
+def _orthogonalized(ns_steps: int, coeffs: Any, specs: list | None = None,
+                    strategy: str = "auto", seen: list | None = None
+                    ) -> optax.GradientTransformation:
   """Stateless: Newton–Schulz polar factor of every leaf with ndim >= 2 (the low-rank
-  momenta inside :func:`subspace`); scalar placeholders pass through."""
+  momenta inside :func:`subspace`, viewed over their last two axes), sharded ones whole
+  on owner devices (:func:`optimizers.distributed.map_matrix_leaves`); scalar
+  placeholders pass through. ``specs``: per leaf (tree order) its ``PartitionSpec`` or
+  None, for ``Auto`` mesh axes (Explicit axes: read from the arrays). ``seen``: a list
+  that receives the input leaves (the projections ``a = A C_S^T``, which the buffer
+  update reuses instead of projecting ``A`` a second time)."""
+  ortho = lambda x: orthogonalize(x, ns_steps=ns_steps, coeffs=coeffs)
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(
-        lambda x: orthogonalize(x, ns_steps=ns_steps, coeffs=coeffs) if x.ndim >= 2 else x,
-        updates), state
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    leaves = [x for _, x in with_path]
+    if seen is not None:
+      seen[:] = leaves
+    dims = [MatrixDims() if x.ndim >= 2 else None for x in leaves]
+    out = map_matrix_leaves(ortho, leaves, dims, param_specs=specs, strategy=strategy,
+                            names=[jax.tree_util.keystr(p) for p, _ in with_path])
+    return treedef.unflatten(out), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -116,6 +145,8 @@ def scale_by_trion(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     weight_dimension_numbers: WeightDimensionNumbers = None,
+    param_specs: Any = None,
+    sharding_strategy: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Trion's direction (module docstring) for matrix leaves, Adam's for the others.
 
@@ -135,6 +166,13 @@ def scale_by_trion(
     mu_dtype: storage dtype of the buffer ``M`` and Adam's first moment.
     nu_dtype: storage dtype of Adam's second moment.
     weight_dimension_numbers: matrix view (see :func:`optimizers.subspace`).
+    param_specs: the params' ``PartitionSpec`` tree (``None``: replicated), needed for
+      the owner path of sharded matrices under ``Auto`` mesh axes (the DCT selection
+      and the Newton–Schulz iterations; see :func:`optimizers.subspace`).
+    sharding_strategy: how sharded matrices are distributed (see
+      :mod:`optimizers.distributed`): ``"auto"`` (default), ``"owner"`` or
+      ``"replicate"`` run the DCT selection on whole rows and Newton–Schulz on whole
+      projected matrices, ``"gspmd"`` leaves both to the partitioner.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (updates in the gradient's dtype).
@@ -148,10 +186,10 @@ def scale_by_trion(
   check_nonnegative("adam_eps", adam_eps)
   mu_dtype = check_floating_dtype("mu_dtype", mu_dtype)
   nu_dtype = check_floating_dtype("nu_dtype", nu_dtype)
+  check_choice("sharding_strategy", sharding_strategy, STRATEGIES)
   projector = dct_projector(rank, update_every=update_every, score=score, method=method)
-  inner = _orthogonalized(ns_steps, ns_coeffs)
   adam = scale_by_adam(adam_b1, adam_b2, adam_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-  subspace(inner, projector, side=side)  # validates side
+  subspace(_orthogonalized(ns_steps, ns_coeffs), projector, side=side)  # validates side
 
   def matrix_dims(tree):
     """Per leaf of :func:`_entries` (flax boxes count as their array; ``None`` params have
@@ -161,8 +199,23 @@ def scale_by_trion(
     entries = jax.tree.leaves(tree, is_leaf=lambda x: x is None or is_box(x))
     return [d for d, e in zip(dims, entries, strict=True) if e is not None]
 
-  def wrapper(dims):
-    return subspace(inner, projector, side=side, weight_dimension_numbers=dims)
+  def wrapper(dims, specs=None, low_specs=None, seen=None):
+    """The subspace of the matrix leaves ``dims``; ``specs``: the params' specs (None
+    for the other leaves), ``low_specs``: those of the projected momenta (a list);
+    ``seen`` receives the projected momenta (see :func:`_orthogonalized`)."""
+    inner = _orthogonalized(ns_steps, ns_coeffs, low_specs, sharding_strategy, seen)
+    return subspace(inner, projector, side=side, weight_dimension_numbers=dims,
+                    param_specs=specs, sharding_strategy=sharding_strategy)
+
+  def rank_specs(tree, dims, specs):
+    """Per leaf of ``tree`` the ``PartitionSpec`` of its projected momentum ``(*batch, k,
+    r)`` (as :func:`optimizers.subspace_partition_specs` places it: the parameter's mesh
+    axes on the batch and kept axes, the rank axis replicated), None if unknown."""
+    if specs is None:
+      return None
+    leaves, treedef, plans = _plans(tree, dims, projector.rank, side)
+    return [None if o is None else _low_spec(o)
+            for o in _oriented_specs(leaves, plans, specs, treedef)]
 
   scalar = lambda: jnp.zeros((), jnp.float32)
   up = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -195,8 +248,14 @@ def scale_by_trion(
     acc = [up(_val(m)) + up(_val(g)) if f else scalar()
            for g, m, f in zip(gs, ms, is_matrix, strict=True)]
     sub_dims = gdef.unflatten(dims)
-    directions, sub_state = wrapper(sub_dims).update(gdef.unflatten(acc), state.subspace)
-    selected = _selected_part(gdef.unflatten(acc), sub_state, sub_dims, projector, side)
+    sub_specs = None if param_specs is None else gdef.unflatten(
+        [s if f else None for s, f in zip(gdef.flatten_up_to(param_specs), is_matrix,
+                                          strict=True)])
+    acc_tree, lows = gdef.unflatten(acc), []
+    directions, sub_state = wrapper(
+        sub_dims, sub_specs, rank_specs(acc_tree, sub_dims, sub_specs), lows).update(
+            acc_tree, state.subspace)
+    selected = _selected_part(acc_tree, lows, sub_state, sub_dims, projector, side)
     # Adam on the other leaves (a scalar stands in for each matrix leaf)
     vec = lambda x, f: jnp.zeros((), x.dtype) if f else x
     adam_out, adam_state = adam.update(
@@ -216,20 +275,22 @@ def scale_by_trion(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _selected_part(acc: Any, sub_state: SubspaceState, dims: Any, projector, side: str) -> list:
+def _selected_part(acc: Any, lows: list, sub_state: SubspaceState, dims: Any, projector,
+                   side: str) -> list:
   """``A C_S^T C_S`` per matrix leaf of ``acc`` on the indices just selected (zeros for
-  the other leaves), as a list in leaf order."""
+  the other leaves), as a list in leaf order; ``lows``: the projections ``A C_S^T`` (the
+  inner transformation's input, per leaf), mapped back (no second projection of ``A``:
+  on a mesh that would all-reduce a sharded contraction), in the leaf's sharding."""
   leaves, treedef, plans = _plans(acc, dims, projector.rank, side)
   indices = jax.tree.leaves(sub_state.projector_state.indices)  # unboxed (see subspace)
   out = []
-  for x, plan, idx in zip(leaves, plans, indices, strict=True):
+  for x, low, plan, idx in zip(leaves, lows, plans, indices, strict=True):
     if plan is None:
       out.append(jnp.zeros_like(x))
       continue
     pstate = type(sub_state.projector_state)(idx)
-    a = _oriented(x, plan)
-    low = projector.project(a, pstate)
-    out.append(_from_oriented(projector.back_project(low, pstate, plan.d), plan, x.shape))
+    full = projector.back_project(low.astype(x.dtype), pstate, plan.d)
+    out.append(reshard_like(_from_oriented(full, plan, x.shape), x))
   return out
 
 
@@ -254,6 +315,8 @@ def trion(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     weight_dimension_numbers: WeightDimensionNumbers = None,
+    param_specs: Any = None,
+    sharding_strategy: str = "auto",
 ) -> optax.GradientTransformation:
   r"""Trion (Modoranu et al.): DCT low-rank, Newton–Schulz orthogonalised momentum.
 
@@ -288,6 +351,10 @@ def trion(
     mu_dtype: storage dtype of the momentum buffer and Adam's first moment.
     nu_dtype: storage dtype of Adam's second moment.
     weight_dimension_numbers: matrix view (see :func:`optimizers.subspace`).
+    param_specs: the params' ``PartitionSpec`` tree, needed for the owner path of
+      sharded matrices under ``Auto`` mesh axes (see :func:`scale_by_trion`).
+    sharding_strategy: how sharded matrices are distributed (see
+      :func:`scale_by_trion`).
 
   Returns:
     An ``optax.GradientTransformation`` returning ``-lr * direction``.
@@ -312,7 +379,8 @@ def trion(
       rank, momentum=momentum, ns_steps=ns_steps, ns_coeffs=ns_coeffs, score=score,
       update_every=update_every, side=side, method=method, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-      weight_dimension_numbers=weight_dimension_numbers,
+      weight_dimension_numbers=weight_dimension_numbers, param_specs=param_specs,
+      sharding_strategy=sharding_strategy,
   )
   return optax.chain(
       direction,
