@@ -8,11 +8,12 @@ iterations. :func:`owner_computes` avoids that. It gives each device *whole*
 matrices, runs ``f`` locally with no collective, and puts the results back in
 the input's sharding:
 
-1. the matrices of one *group* (same ``m x n`` shape, dtype and matrix-axis
-   sharding: the stacked layer axis of a scanned leaf and separate leaves of
-   equal shape together) are concatenated along their batch axis on every
-   device, as local blocks of shape ``(b, m / S_m, n / S_n)``, ``S = S_m S_n``
-   the number of devices sharding the matrix axes;
+1. the matrices of one *group* (same ``m x n`` shape, dtype, matrix-axis
+   sharding and mesh axes of the batch axes: the stacked layer axis of a
+   scanned leaf and separate leaves of equal shape together) are concatenated
+   along their batch axis on every device, as local blocks of shape
+   ``(b, m / S_m, n / S_n)``, ``S = S_m S_n`` the number of devices sharding
+   the matrix axes;
 2. inside :func:`jax.shard_map`, one :func:`jax.lax.all_to_all` over the mesh
    axes that shard the matrix axes sends the ``k``-th slice of ``ceil(b / S)``
    matrices to device ``k``, which reassembles them (a local reshape and
