@@ -103,6 +103,8 @@ BAD_HYPERPARAMETERS = [
      ValueError, "mu_dtype"),
     (optimizers.scale_by_trion, {"rank": 2, "momentum": 1.0}, ValueError, "momentum"),
     (optimizers.scale_by_trion, {"rank": 2, "ns_coeffs": "cubic"}, ValueError, "ns_coeffs"),
+    (optimizers.trion, {"learning_rate": 0.02, "rank": 2, "sharding_strategy": "fast"},
+     ValueError, "sharding_strategy"),
     (optimizers.trion, {"learning_rate": 0.02, "rank": 0}, ValueError, "rank"),
     (optimizers.trion, {"learning_rate": 0.02, "rank": 2, "score": "l3"}, ValueError, "score"),
     # scale_by_sven, sven
