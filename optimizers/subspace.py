@@ -261,6 +261,35 @@ def _full_leaf(projector, scale, u, x, g, used, plan):
   return reshard_like(_from_oriented(full, plan, x.shape).astype(x.dtype), x)
 
 
+def _sharded_inputs(projector: Projector, strategy: str, updates: Any, leaves: list,
+                    plans: list, treedef, param_specs: Any) -> tuple | None:
+  """What a projector's sharded refresh needs, or ``None`` (the partitioner's path): the
+  oriented float32 matrices, their specs, the leaves' names and the strategy."""
+  if projector.sharded_refresh is None or strategy == "gspmd":
+    return None
+  raws = [None if p is None else upcast(_oriented(x, p)) for x, p in zip(leaves, plans,
+                                                                         strict=True)]
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+  return raws, _oriented_specs(leaves, plans, param_specs, treedef), names, strategy
+
+
+def _state_layout(updates: Any, leaves: list, plans: list, treedef) -> tuple[Any, Any]:
+  """``(pdef, state_def)``: the structure of the per-leaf projector state, and an object
+  whose ``unflatten`` lays per-leaf values out as ``init_fn`` did. Boxed trees (flax
+  variables): the projector state and the projected moments unboxed, the other moments in
+  their parameter's box."""
+  boxes, boxes_def = jax.tree.flatten(updates, is_leaf=is_box)
+  if len(boxes) != len(leaves):
+    return treedef, treedef
+
+  def unflatten(values):
+    return boxes_def.unflatten([
+        jax.tree.unflatten(jax.tree.structure(o), [v]) if p is None and is_box(o) else v
+        for o, v, p in zip(boxes, values, plans, strict=True)])
+
+  return boxes_def, types.SimpleNamespace(unflatten=unflatten)
+
+
 def subspace(
     inner: optax.GradientTransformation,
     projector: Projector,
@@ -380,6 +409,9 @@ def subspace(
   check_choice("sharding_strategy", sharding_strategy, STRATEGIES)
   inner = optax.with_extra_args_support(inner)
   rank, every = projector.rank, projector.update_every
+  # A sharded leaf of a selection-type projector under a traced refresh condition is
+  # projected once after the lax.cond (not in both branches: one reduction, not two).
+  defer = not projector.lagged and not (isinstance(every, int) and every == 1)
 
   def init_fn(params):
     count, dummy = jnp.zeros([], jnp.int32), _dummy_state(projector)
@@ -422,27 +454,10 @@ def subspace(
       return inner_updates, state._replace(count=next_count, inner_state=inner_state)
     leaves, treedef, plans = _plans(updates, weight_dimension_numbers, rank, side)
     gs = [_gradient(x, plan) for x, plan in zip(leaves, plans, strict=True)]
-    sharded = None
-    if projector.sharded_refresh is not None and sharding_strategy != "gspmd":
-      raws = [None if p is None else upcast(_oriented(x, p)) for x, p in zip(leaves, plans,
-                                                                             strict=True)]
-      names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-          updates)[0]]
-      sharded = (raws, _oriented_specs(leaves, plans, param_specs, treedef), names,
-                 sharding_strategy)
-    # Boxed trees (flax variables): the state is laid out as init_fn made it, the projector
-    # state and the projected moments unboxed, the other moments in their parameter's box.
-    boxes, boxes_def = jax.tree.flatten(updates, is_leaf=is_box)
-    pdef = boxes_def if len(boxes) == len(leaves) else treedef
-    state_def = types.SimpleNamespace(unflatten=lambda values: pdef.unflatten([
-        jax.tree.unflatten(jax.tree.structure(o), [v]) if p is None and is_box(o) else v
-        for o, v, p in zip(boxes, values, plans, strict=True)]) if pdef is boxes_def
-        else treedef.unflatten(values))
+    sharded = _sharded_inputs(projector, sharding_strategy, updates, leaves, plans, treedef,
+                              param_specs)
+    pdef, state_def = _state_layout(updates, leaves, plans, treedef)
     pstates = _per_leaf(state.projector_state, pdef)
-
-    # A sharded leaf of a selection-type projector under a traced refresh condition is
-    # projected once after the lax.cond (not in both branches: one reduction, not two).
-    defer = not projector.lagged and not (isinstance(every, int) and every == 1)
 
     def refreshed(inner_state):
       lows, used, nxt = _select(projector, gs, pstates, count, refresh=True, sharded=sharded,
