@@ -128,15 +128,19 @@ def gram(x: jax.Array) -> jax.Array:
   return jnp.matmul(x, x.mT, out_sharding=P(*spec[:-2], spec[-2], None))
 
 
-def frobenius_norm(x: jax.Array) -> jax.Array:
+def frobenius_norm(x: jax.Array, *, axis_name: Any = None) -> jax.Array:
   """Overflow- and underflow-safe ``||x||_F`` over the last two axes, shape ``(..., 1, 1)``.
 
   Computed as ``max|x| * ||x / max|x|||_F``; NaN/Inf inputs give NaN/Inf.
+  ``axis_name``: inside :func:`optimizers.distributed.map_rows`, ``x`` holds a slice of
+  the rows and the maximum and the sum of squares are reduced over these devices.
   """
-  amax = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+  from optimizers._owner_maps import row_pmax, row_psum
+
+  amax = row_pmax(jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True), axis_name)
   safe = jnp.where(amax > 0, amax, jnp.ones_like(amax))
   y = x / safe
-  return amax * jnp.sqrt(jnp.sum(y * y, axis=(-2, -1), keepdims=True))
+  return amax * jnp.sqrt(row_psum(jnp.sum(y * y, axis=(-2, -1), keepdims=True), axis_name))
 
 
 def _gershgorin(a: jax.Array) -> jax.Array:

@@ -48,7 +48,7 @@ from optimizers._sharding import (
   unshard_axes,
 )
 from optimizers.dct import DCT_METHODS, dct_rows, dct_transform, top_columns
-from optimizers.distributed import map_rows, owner_map, row_pmax, row_psum
+from optimizers.distributed import map_rows, owner_map, row_psum
 from optimizers.linalg import frobenius_norm
 
 __all__ = [
@@ -233,6 +233,12 @@ def _basis_change(old: Any, new: Any) -> jax.Array:
   """``Q_old^T Q_new``."""
   return old.basis.mT @ new.basis
 
+def _top_right_singular_vectors(x: jax.Array, r: int) -> jax.Array:
+  """The top-``r`` right singular vectors of whole matrices ``(q, k, d)``, ``(q, d, r)``
+  (one matrix per LAPACK call on CPU, see :func:`optimizers._lapack.per_matrix`)."""
+  _, _, vh = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), x)
+  return vh[..., :r, :].mT
+
 
 def _project_sharded(g: jax.Array, basis: jax.Array) -> jax.Array:
   """``g Q`` for ``g`` with a sharded projected axis and ``Q`` replicated over it: under
@@ -292,8 +298,8 @@ def svd_projector(rank: int, *, update_every: int = 200) -> Projector:
   def refresh(g, state, count):
     del count
     r = state.basis.shape[-1]
-    _, _, vh = jnp.linalg.svd(unshard_axes(g, (-2, -1)), full_matrices=False)
-    new = SvdProjectorState(reshard_like(vh[..., :r, :].mT, state.basis))
+    top = _top_right_singular_vectors(unshard_axes(g, (-2, -1)), r)
+    new = SvdProjectorState(reshard_like(top, state.basis))
     return g @ new.basis, new, new
 
   def sharded_refresh(g, state, count, *, spec=None, strategy="auto", name="matrix"):
@@ -457,10 +463,7 @@ def online_pca_projector(
   def first_basis(g, state):
     r = state.basis.shape[-1]
     if initial_basis == "svd":
-      # one matrix per LAPACK call on CPU: a batched call can deadlock multi-device CPU runs
-      _, _, vh = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False),
-                            unshard_axes(g, (-2, -1)))
-      basis = vh[..., :r, :].mT
+      basis = _top_right_singular_vectors(unshard_axes(g, (-2, -1)), r)
     else:
       basis = dct_rows(top_columns(dct_transform(g), r, "l2"), g.shape[-1]).mT
     return state._replace(basis=reshard_like(basis, state.basis))
@@ -468,7 +471,7 @@ def online_pca_projector(
   def pca_step(g, state, count, axis_name=None):
     # Safe for |G| ~ 1e-30 and ~ 1e30 (sum G^2 would under/overflow); `axis_name`: g holds
     # a slice of the rows (map_rows), the norm and the Gram products are summed over it.
-    norm = frobenius_norm(g) if axis_name is None else _row_frobenius_norm(g, axis_name)
+    norm = frobenius_norm(g, axis_name=axis_name)
     ok = jnp.isfinite(norm) & (norm > 0)
     safe_norm = jnp.where(ok, norm, 1.0)
     gn = g / safe_norm
@@ -525,12 +528,6 @@ def online_pca_projector(
                    lagged=True, sharded_refresh=sharded_refresh)
 
 
-def _top_right_singular_vectors(x: jax.Array, r: int) -> jax.Array:
-  """The top-``r`` right singular vectors of whole matrices ``(q, k, d)``, ``(q, d, r)``
-  (one matrix per LAPACK call on CPU, see :func:`optimizers._lapack.per_matrix`)."""
-  _, _, vh = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), x)
-  return vh[..., :r, :].mT
-
 
 # ---------------------------------------------------------------------------
 # The online-PCA loss.
@@ -581,10 +578,3 @@ def _pca_gradient(basis: jax.Array, g: jax.Array, b: jax.Array,
     btb = basis.mT @ c
   return 2.0 * (c @ (basis.mT @ basis) - 2.0 * c + basis @ btb)
 
-
-def _row_frobenius_norm(g: jax.Array, axis_name: Any) -> jax.Array:
-  """:func:`optimizers.linalg.frobenius_norm` of matrices whose rows are split over the
-  devices of ``axis_name`` (the maximum and the sum of squares reduced over them)."""
-  amax = row_pmax(jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True), axis_name)
-  y = g / jnp.where(amax > 0, amax, jnp.ones_like(amax))
-  return amax * jnp.sqrt(row_psum(jnp.sum(y * y, axis=(-2, -1), keepdims=True), axis_name))

@@ -195,11 +195,6 @@ def _init_leaf(projector: Projector, x: Any, plan: _Plan | None, dummy: Any):
           jax.tree.map(lambda a: reshard(a, spec[:nb], mesh), pstate))
 
 
-def _gradient(x: jax.Array, plan: _Plan | None) -> jax.Array | None:
-  """The oriented float32 matrix of a projected leaf, its projected axis unsharded."""
-  return None if plan is None else unshard_axes(upcast(_oriented(x, plan)), (-1,))
-
-
 def _oriented_specs(leaves: list, plans: list, param_specs: Any, treedef) -> list:
   """Per projected leaf the ``PartitionSpec`` entries of its oriented ``(*batch, k, d)``
   view: from the type under Explicit axes, else from ``param_specs`` (None: unknown)."""
@@ -261,14 +256,13 @@ def _full_leaf(projector, scale, u, x, g, used, plan):
   return reshard_like(_from_oriented(full, plan, x.shape).astype(x.dtype), x)
 
 
-def _sharded_inputs(projector: Projector, strategy: str, updates: Any, leaves: list,
-                    plans: list, treedef, param_specs: Any) -> tuple | None:
+def _sharded_inputs(projector: Projector, strategy: str, updates: Any, raws: list,
+                    leaves: list, plans: list, treedef, param_specs: Any) -> tuple | None:
   """What a projector's sharded refresh needs, or ``None`` (the partitioner's path): the
-  oriented float32 matrices, their specs, the leaves' names and the strategy."""
+  oriented float32 matrices ``raws`` (in the parameter's sharding), their specs, the
+  leaves' names and the strategy."""
   if projector.sharded_refresh is None or strategy == "gspmd":
     return None
-  raws = [None if p is None else upcast(_oriented(x, p)) for x, p in zip(leaves, plans,
-                                                                         strict=True)]
   names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
   return raws, _oriented_specs(leaves, plans, param_specs, treedef), names, strategy
 
@@ -453,9 +447,11 @@ def subspace(
       inner_updates, inner_state = inner.update(updates, state.inner_state, None)
       return inner_updates, state._replace(count=next_count, inner_state=inner_state)
     leaves, treedef, plans = _plans(updates, weight_dimension_numbers, rank, side)
-    gs = [_gradient(x, plan) for x, plan in zip(leaves, plans, strict=True)]
-    sharded = _sharded_inputs(projector, sharding_strategy, updates, leaves, plans, treedef,
-                              param_specs)
+    raws = [None if p is None else upcast(_oriented(x, p)) for x, p in zip(leaves, plans,
+                                                                           strict=True)]
+    gs = [None if r is None else unshard_axes(r, (-1,)) for r in raws]  # projected axis whole
+    sharded = _sharded_inputs(projector, sharding_strategy, updates, raws, leaves, plans,
+                              treedef, param_specs)
     pdef, state_def = _state_layout(updates, leaves, plans, treedef)
     pstates = _per_leaf(state.projector_state, pdef)
 
