@@ -6,7 +6,12 @@ device: all-gather by its output shape, all-reduce / all-to-all /
 collective-permute by their operand (= output) shape, reduce-scatter by its
 operand (output times the group size). A collective inside a ``while`` body is
 counted once per iteration (XLA's ``known_trip_count``; a loop without one
-counts once and is reported in ``unknown_trip_loops``).
+counts once and is reported in ``unknown_trip_loops``). The branches of a
+``conditional`` (``lax.cond`` / ``lax.switch``) are alternatives: one runs per
+execution, so a conditional counts as its branch with the most collective bytes
+(the costliest single execution, e.g. the refresh step of a projector refreshed
+every ``T`` steps); ``bytes_all_branches`` adds every branch instead (an upper
+bound that no execution reaches).
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ _INSTRUCTION = re.compile(
     r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
 _WHILE = re.compile(r"\swhile\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLS = re.compile(r"(?:calls|to_apply|branch_computations)=\{?([%\w.\-, ]+)\}?")
+_CALLS = re.compile(r"(?:calls|to_apply)=\{?([%\w.\-, ]+)\}?")
+_BRANCHES = re.compile(
+    r"(?:branch_computations=\{([%\w.\-, ]+)\}|true_computation=%?([\w.\-]+),"
+    r" false_computation=%?([\w.\-]+))")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 
@@ -59,7 +67,7 @@ def _parse(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
   for line in text.splitlines():
     m = _COMPUTATION.match(line)
     if m and "=" not in line.split("{")[0].split("(")[0]:
-      current = {"collectives": [], "calls": []}
+      current = {"collectives": [], "calls": [], "branches": []}
       comps[m.group(1)] = current
       if line.startswith("ENTRY"):
         entry = m.group(1)
@@ -83,6 +91,11 @@ def _parse(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
       current["calls"].append((w.group(2), int(trip.group(1)) if trip else None))
       current["calls"].append((w.group(1), 0))  # conditions hold no collectives
       continue
+    b = _BRANCHES.search(line)
+    if b:
+      names = b.group(1).split(",") if b.group(1) else [b.group(2), b.group(3)]
+      current["branches"].append([n.strip().lstrip("%") for n in names if n.strip()])
+      continue
     for names in _CALLS.findall(line):
       for name in names.split(","):
         if name.strip():
@@ -93,34 +106,53 @@ def _parse(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
 
 
 def collectives(text: str) -> dict[str, Any]:
-  """Collectives of a compiled module's text, counted with their loop trip counts.
+  """Collectives of a compiled module's text, counted with their loop trip counts, a
+  conditional as its costliest branch (module docstring).
 
   Returns ``{"by_kind": {kind: {"count", "bytes"}}, "count", "bytes",
-  "unknown_trip_loops"}`` with bytes per device.
+  "bytes_all_branches", "unknown_trip_loops"}`` with bytes per device.
   """
   entry, comps = _parse(text)
-  by_kind = {k: {"count": 0, "bytes": 0} for k in KINDS}
   unknown = 0
 
-  def visit(name: str, mult: int, depth: int) -> None:
+  def visit(name: str, depth: int, worst: bool) -> dict[str, list[int]]:
+    """Per kind ``[count, bytes]`` of one execution of computation ``name``."""
     nonlocal unknown
+    tally = {k: [0, 0] for k in KINDS}
     comp = comps.get(name)
-    if comp is None or mult == 0 or depth > 50:
-      return
-    for kind, nbytes in comp["collectives"]:
-      by_kind[kind]["count"] += mult
-      by_kind[kind]["bytes"] += mult * nbytes
-    for callee, trip in comp["calls"]:
-      if trip is None:
-        unknown += 1
-        trip = 1
-      visit(callee, mult * trip, depth + 1)
+    if comp is None or depth > 50:
+      return tally
 
-  visit(entry, 1, 0)
+    def add(other, mult):
+      for k in KINDS:
+        tally[k][0] += mult * other[k][0]
+        tally[k][1] += mult * other[k][1]
+
+    for kind, nbytes in comp["collectives"]:
+      tally[kind][0] += 1
+      tally[kind][1] += nbytes
+    for callee, trip in comp["calls"]:
+      if trip == 0:
+        continue
+      if trip is None and worst:
+        unknown += 1
+      add(visit(callee, depth + 1, worst), 1 if trip is None else trip)
+    for branches in comp["branches"]:
+      tallies = [visit(b, depth + 1, worst) for b in branches]
+      if worst:
+        add(max(tallies, key=lambda t: sum(v[1] for v in t.values())), 1)
+      else:
+        for t in tallies:
+          add(t, 1)
+    return tally
+
+  by_kind = {k: {"count": c, "bytes": b} for k, (c, b) in visit(entry, 0, True).items()}
+  every = visit(entry, 0, False)
   return {
       "by_kind": {k: v for k, v in by_kind.items() if v["count"]},
       "count": sum(v["count"] for v in by_kind.values()),
       "bytes": sum(v["bytes"] for v in by_kind.values()),
+      "bytes_all_branches": sum(b for _, b in every.values()),
       "unknown_trip_loops": unknown,
   }
 

@@ -89,6 +89,25 @@ def sharded_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.matmul(a, b, out_sharding=NamedSharding(mesh, P(*sa[:-2], sa[-2], col)))
 
 
+def project_on_sharded_rows(g: jax.Array, basis: jax.Array) -> jax.Array:
+  """``g Q`` for ``g`` (``(*batch, k, d)``) with a sharded projected axis ``d`` and ``Q``
+  (``(*batch, d, r)``) replicated over it: under Explicit axes ``Q`` is sliced like
+  ``g``'s last axis and the partial products are summed (one all-reduce of the ``k x r``
+  result); otherwise a plain product."""
+  mesh = explicit_mesh(g)
+  spec = spec_of(g)
+  if mesh is None or spec[-1] is None:
+    return g @ basis
+  return sharded_matmul(g, reshard(basis, (*spec[:-2], spec[-1], None), mesh))
+
+
+def rows_layout(low: jax.Array, g: jax.Array) -> jax.Array:
+  """``low`` (``(*batch, k, r)``) in the layout of ``g``'s batch and row axes,
+  replicated along the last axis (under Explicit axes; otherwise ``low``)."""
+  mesh = explicit_mesh(g)
+  return low if mesh is None else reshard(low, (*spec_of(g)[:-1], None), mesh)
+
+
 def unshard_axes(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Reshards ``x`` (Explicit axes only) so that ``axes`` are not sharded."""
   spec = list(spec_of(x))

@@ -41,10 +41,11 @@ Strategies (``strategy=``):
   at least 2 matrices (fewer bytes and no more flops than ``"replicate"``),
   ``"replicate"`` for a group of a single matrix (half the bytes of a padded
   owner round trip, the same flops); no collective at all when the matrix
-  axes are not sharded. Then *packing*: groups that share the mesh, the mesh
-  axes of the matrix axes and the dtype but not the shape run as ONE owner
-  round trip when that moves strictly fewer bytes than their own strategies
-  (below).
+  axes are not sharded. Then *packing*: groups that share the mesh, the set of
+  mesh axes of the matrix axes (in either order: a transposed view, rows over
+  ``model`` and columns over ``data``, packs with the others), the dtype and
+  the batch axes but not the shape run as ONE owner round trip when that moves
+  strictly fewer bytes than their own strategies (below).
 
 Groups of fewer matrices than devices (``b < S``), and packing. A group padded
 to ``S`` matrices moves ``2 S / b`` times its local bytes (4.0 for the 4 stacked
@@ -98,18 +99,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from optimizers._owner_maps import map_rows, owner_map, row_pmax, row_psum
 from optimizers._owners import (
-    STRATEGIES,
-    OwnedMatrix,
-    axis_names,
-    batch_axes,
-    check_strategy,
-    group_matrices,
-    local_shape,
-    warn_fallback,
+  STRATEGIES,
+  OwnedMatrix,
+  PackedGroup,
+  Packing,
+  axis_names,
+  check_strategy,
+  group_matrices,
+  local_shape,
+  packed_map,
+  packs,
+  warn_fallback,
 )
 from optimizers._sharding import explicit_mesh, padded_spec, reshard, spec_of, unshard_axes
 
@@ -207,154 +212,48 @@ def _run_group(fn: Callable[..., jax.Array], items: list[OwnedMatrix], args: tup
   return list(mapped(*(it.x for it in items), *args))
 
 
-class _Group:
-  """The static layout of one group inside a packed round trip (:func:`_run_packed`)."""
-
-  def __init__(self, items: list[OwnedMatrix]):
-    self.items = items
-    mesh, spec = items[0].mesh, items[0].spec
-    self.m, self.n = items[0].x.shape[-2:]
-    row_axes, col_axes = axis_names(spec[-2]), axis_names(spec[-1])
-    self.s_m = math.prod(mesh.shape[a] for a in row_axes)
-    self.s_n = math.prod(mesh.shape[a] for a in col_axes)
-    self.ml, self.nl = self.m // self.s_m, self.n // self.s_n
-    self.local_shapes = [local_shape(it.x.shape, it.spec, mesh) for it in items]
-    self.counts = [math.prod(shape[:-2]) for shape in self.local_shapes]
-    self.b = sum(self.counts)
-    self.block = self.ml * self.nl  # elements of one local block
-
-  def owner_elements(self, s: int) -> int:
-    """Per-device elements of the auto strategy's collectives for this group alone."""
-    if self.b >= 2:
-      return 2 * -(-self.b // s) * s * self.block  # padded owner: in and out
-    return s * self.block  # replicate: one all-gather
-
-
-def _pack_plan(groups: list[_Group], s: int) -> tuple[list[list[tuple[int, int]]], int]:
-  """Assigns every matrix ``(group, index)`` to one of ``s`` owner devices, largest
-  blocks first to the least loaded device (LPT); returns the per-device lists (in
-  assignment order) and the chunk size ``C`` (elements), the largest load."""
-  order = sorted(((gi, j) for gi, g in enumerate(groups) for j in range(g.b)),
-                 key=lambda t: (-groups[t[0]].block, t[0], t[1]))
-  owned: list[list[tuple[int, int]]] = [[] for _ in range(s)]
-  load = [0] * s
-  for gi, j in order:
-    d = min(range(s), key=lambda k: (load[k], k))
-    owned[d].append((gi, j))
-    load[d] += groups[gi].block
-  return owned, max(load)
-
-
-def _run_packed(fn: Callable[..., jax.Array], groups: list[_Group], args: tuple) -> list[list]:
+def _run_packed(fn: Callable[..., jax.Array], groups: list[PackedGroup], args: tuple) -> list[list]:
   """One shard_map and one all-to-all each way for several groups of matrices that share
   the mesh, the matrix-axis mesh axes and the dtype but not the shape.
 
-  Every matrix of every group gets one owner device (:func:`_pack_plan`); the blocks
+  Every matrix of every group gets one owner device (:class:`Packing`); the blocks
   of all of a device's matrices travel as one chunk of ``C`` elements (the largest
   owner load) of a ``(S, C)`` all-to-all; each device runs ``fn`` on its own matrices
   only, selected by ``lax.switch`` on its mesh index (no padding matrices computed),
   and a second all-to-all brings the blocks back. Per device the collective bytes are
   ``2 S C`` elements, against ``2 S sum_g ceil(b_g / S) e_g`` for padded groups.
   """
-  first = groups[0].items[0]
-  mesh = first.mesh
-  axes = axis_names(first.spec[-2]) + axis_names(first.spec[-1])
-  s = math.prod(mesh.shape[a] for a in axes)
-  owned, chunk = _pack_plan(groups, s)
-  offsets = []  # per device: (group, index, offset in the chunk)
-  for mine in owned:
-    o, rows = 0, []
-    for gi, j in mine:
-      rows.append((gi, j, o))
-      o += groups[gi].block
-    offsets.append(rows)
-  signatures = sorted({tuple(gi for gi, _ in mine) for mine in owned})
-  branch_of = [signatures.index(tuple(gi for gi, _ in mine)) for mine in owned]
+  pack = Packing(groups)
+  axes = pack.axes
 
   def compute(signature, recv, a):
-    """A device owning the groups ``signature`` (in chunk order): ``fn`` on its whole
-    matrices, batched per group; the result blocks in the received layout."""
+    """``fn`` on the device's whole matrices, batched per group; the result blocks in
+    the received layout."""
     out = jnp.zeros_like(recv)
-    o, by_group = 0, {}
-    for gi in signature:
-      by_group.setdefault(gi, []).append(o)
-      o += groups[gi].block
-    for gi, starts in by_group.items():
+    for gi, starts, whole in pack.whole(signature, recv):
       g = groups[gi]
-      blocks = jnp.stack([recv[:, st : st + g.block] for st in starts], 1)  # (s, k, e)
-      whole = blocks.reshape(g.s_m, g.s_n, len(starts), g.ml, g.nl).transpose(2, 0, 3, 1, 4)
-      res = fn(whole.reshape(len(starts), g.m, g.n), *a)
-      res = res.reshape(len(starts), g.s_m, g.ml, g.s_n, g.nl).transpose(1, 3, 0, 2, 4)
-      res = res.reshape(s, len(starts), g.block)
+      res = fn(whole, *a).reshape(len(starts), g.s_m, g.ml, g.s_n, g.nl)
+      res = res.transpose(1, 3, 0, 2, 4).reshape(pack.s, len(starts), g.block)
+      res = res[np.argsort(pack.block_devices[gi])]  # block order -> device order
       for k, st in enumerate(starts):
         out = out.at[:, st : st + g.block].set(res[:, k])
     return out
 
-  n_items = [len(g.items) for g in groups]
+  n_items = sum(len(g.items) for g in groups)
 
   def body(*operands):
-    xs, a = operands[: sum(n_items)], operands[sum(n_items):]
-    cats, k = [], 0
-    for g, n in zip(groups, n_items, strict=True):
-      cats.append(jnp.concatenate([x.reshape(c, g.block) for x, c in
-                                   zip(xs[k : k + n], g.counts, strict=True)]))
-      k += n
-    zero = jnp.zeros((0,), cats[0].dtype)
-    send = jnp.stack([jnp.pad(jnp.concatenate([cats[gi][j] for gi, j, _ in rows] or [zero]),
-                              (0, chunk - sum(groups[gi].block for gi, _, _ in rows)))
-                      for rows in offsets])  # (s, chunk): row d = my blocks of d's matrices
-    recv = jax.lax.all_to_all(send, axes, 0, 0, tiled=True)  # row = source device
-    me = jnp.asarray(branch_of, jnp.int32)[jax.lax.axis_index(axes)]
-    out = jax.lax.switch(me, [lambda r, *a, sig=sig: compute(sig, r, a) for sig in signatures],
-                         recv, *a)
+    recv = jax.lax.all_to_all(pack.send(operands[:n_items]), axes, 0, 0, tiled=True)
+    me = jnp.asarray(pack.branch_of, jnp.int32)[jax.lax.axis_index(axes)]
+    out = jax.lax.switch(me, [lambda r, *a, sig=sig: compute(sig, r, a)
+                              for sig in pack.signatures], recv, *operands[n_items:])
     back = jax.lax.all_to_all(out, axes, 0, 0, tiled=True)  # row = owner device
     res = [[None] * g.b for g in groups]
-    for d, rows in enumerate(offsets):
+    for d, rows in enumerate(pack.offsets):
       for gi, j, o in rows:
-        g = groups[gi]
-        res[gi][j] = back[d, o : o + g.block].reshape(g.ml, g.nl)
-    results = []
-    for g, r in zip(groups, res, strict=True):
-      stacked = jnp.stack(r)
-      starts = [sum(g.counts[:i]) for i in range(len(g.counts))]
-      results.extend(stacked[st : st + c].reshape(shape)
-                     for st, c, shape in zip(starts, g.counts, g.local_shapes, strict=True))
-    return tuple(results)
+        res[gi][j] = back[d, o : o + groups[gi].block].reshape(groups[gi].ml, groups[gi].nl)
+    return tuple(y for g, r in zip(groups, res, strict=True) for y in g.split(jnp.stack(r)))
 
-  items = [it for g in groups for it in g.items]
-  specs = tuple(P(*it.spec) for it in items)
-  mapped = jax.shard_map(body, mesh=mesh, in_specs=specs + (P(),) * len(args), out_specs=specs)
-  flat = list(mapped(*(it.x for it in items), *args))
-  out, k = [], 0
-  for n in n_items:
-    out.append(flat[k : k + n])
-    k += n
-  return out
-
-
-def _packs(groups: list[list[OwnedMatrix]], strategy: str) -> list[list[list[OwnedMatrix]]]:
-  """Groups to run together by :func:`_run_packed` (``"auto"`` only): those sharing the
-  mesh, the matrix-axis mesh axes and the dtype, when one packed round trip moves
-  strictly fewer bytes than the groups' own strategies; every other group alone."""
-  if strategy != "auto":
-    return [[g] for g in groups]
-  by_key: dict[tuple, list[list[OwnedMatrix]]] = {}
-  for g in groups:
-    it = g[0]
-    by_key.setdefault((it.mesh, tuple(it.spec[-2:]), it.x.dtype, batch_axes(it.spec)),
-                      []).append(g)
-  out = []
-  for members in by_key.values():
-    layouts = [_Group(g) for g in members]
-    it = members[0][0]
-    s = math.prod(it.mesh.shape[a] for a in axis_names(it.spec[-2]) + axis_names(it.spec[-1]))
-    _, chunk = _pack_plan(layouts, s)
-    own = sum(g.owner_elements(s) for g in layouts)
-    if len(members) > 1 and 2 * s * chunk < own:
-      out.append(members)
-    else:
-      out.extend([g] for g in members)
-  return out
+  return packed_map(body, groups, args, lambda it: P(*it.spec))
 
 
 def owner_computes(
@@ -407,11 +306,11 @@ def owner_computes(
   """
   out, groups = group_matrices(list(matrices), specs, names, strategy,
                                lambda x: fn(x, *args))
-  for pack in _packs(groups, strategy):
+  for pack in packs(groups, strategy):
     if len(pack) == 1:
       results = [_run_group(fn, pack[0], tuple(args), strategy)]
     else:
-      results = _run_packed(fn, [_Group(items) for items in pack], tuple(args))
+      results = _run_packed(fn, [PackedGroup(items) for items in pack], tuple(args))
     for items, ys in zip(pack, results, strict=True):
       for it, y in zip(items, ys, strict=True):
         out[it.index] = y

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from optimizers._checks import check_int, check_positive
+from optimizers._lapack import per_matrix
 from optimizers._sharding import ambient_spec, restore_spec, rows_unsharded
 from optimizers._trees import compute_dtype
 
@@ -472,3 +473,10 @@ def spectral_clip_matmuls(
   fast, polish = sign_steps
   extra = 1 + (3 * fast + 2 * polish) + (3 * _ABS_STEPS - 2) + 1
   return soft + extra * square
+
+
+def top_right_singular_vectors(x: jax.Array, r: int) -> jax.Array:
+  """The top-``r`` right singular vectors of whole matrices ``(q, k, d)``, ``(q, d, r)``
+  (one matrix per LAPACK call on CPU, see :func:`optimizers._lapack.per_matrix`)."""
+  _, _, vh = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), x)
+  return vh[..., :r, :].mT

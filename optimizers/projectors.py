@@ -38,18 +38,16 @@ from optimizers._checks import (
   check_period,
   check_positive,
 )
-from optimizers._lapack import per_matrix
 from optimizers._sharding import (
-  explicit_mesh,
-  reshard,
+  project_on_sharded_rows,
   reshard_like,
+  rows_layout,
   sharded_matmul,
-  spec_of,
   unshard_axes,
 )
 from optimizers.dct import DCT_METHODS, dct_rows, dct_transform, top_columns
 from optimizers.distributed import map_rows, owner_map, row_psum
-from optimizers.linalg import frobenius_norm
+from optimizers.linalg import frobenius_norm, top_right_singular_vectors
 
 __all__ = [
     "Projector",
@@ -95,13 +93,15 @@ class Projector(NamedTuple):
     lagged: whether ``next`` differs from ``used``; the moments are then rotated
       after the inner update (from ``used`` to ``next``) instead of before it
       (from the old state to ``used``).
-    sharded_refresh: ``(g, state, count, *, spec, strategy, name) -> (g_low,
-      used, next)``, ``refresh`` for a gradient ``g`` that stays in its
-      parameter's sharding (``spec``: its ``PartitionSpec``, ``None`` to read it
-      from the type), computed on an owner path of :mod:`optimizers.distributed`
-      (no collective inside the matrix math; ``strategy`` as there); equal to
-      ``refresh`` up to the rounding of sums. ``None``: :func:`subspace` uses
-      ``refresh`` on the gradient with its projected axis unsharded.
+    sharded_refresh: ``(gs, states, count, *, specs, strategy, names) -> (lows,
+      used, nexts)``, ``refresh`` of several gradients at once (lists, one entry
+      per matrix leaf) that stay in their parameters' sharding (``specs``: their
+      ``PartitionSpec``, ``None`` entries to read it from the type), computed on
+      the owner paths of :mod:`optimizers.distributed` (no collective inside the
+      matrix math; ``strategy`` as there; the leaves' whole-matrix work shares
+      one owner round trip); equal to ``refresh`` up to the rounding of sums.
+      ``None``: :func:`subspace` uses ``refresh`` on the gradient with its
+      projected axis unsharded.
   """
 
   rank: int
@@ -187,8 +187,7 @@ def dct_projector(
     new = DctProjectorState(idx)
     return low, new, new
 
-  def sharded_refresh(g, state, count, *, spec=None, strategy="auto", name="matrix"):
-    del count
+  def sharded_refresh_one(g, state, spec, strategy, name):
     r = state.indices.shape[-1]
 
     def rows_fn(rows, axis_name):  # the transform is per row; the scores are sums over rows
@@ -199,6 +198,10 @@ def dct_projector(
     low, idx = map_rows(rows_fn, g, spec=spec, strategy=strategy, name=name)
     new = DctProjectorState(reshard_like(idx, state.indices))
     return low, new, new
+
+  def sharded_refresh(gs, states, count, *, specs, strategy="auto", names):
+    del count
+    return _per_matrix(sharded_refresh_one, gs, states, specs, strategy, names)
 
   def project(g, state):
     return g @ dct_rows(state.indices, g.shape[-1]).mT
@@ -233,22 +236,25 @@ def _basis_change(old: Any, new: Any) -> jax.Array:
   """``Q_old^T Q_new``."""
   return old.basis.mT @ new.basis
 
-def _top_right_singular_vectors(x: jax.Array, r: int) -> jax.Array:
-  """The top-``r`` right singular vectors of whole matrices ``(q, k, d)``, ``(q, d, r)``
-  (one matrix per LAPACK call on CPU, see :func:`optimizers._lapack.per_matrix`)."""
-  _, _, vh = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), x)
-  return vh[..., :r, :].mT
+def _top_bases(gs: list, states: list, specs: list, strategy: str, names: list) -> list:
+  """The top-``r`` right singular vectors of every gradient of ``gs`` (``r`` and the
+  layout from each state's ``basis``), whole matrices on owner devices: one round trip
+  for all (:func:`~optimizers.distributed.owner_map`)."""
+  bases = []
+  for r in sorted({st.basis.shape[-1] for st in states}):
+    mine = [i for i, st in enumerate(states) if st.basis.shape[-1] == r]
+    got = owner_map(functools.partial(top_right_singular_vectors, r=r), [gs[i] for i in mine],
+                    specs=[specs[i] for i in mine], strategy=strategy,
+                    names=[names[i] for i in mine])
+    bases.extend(zip(mine, got, strict=True))
+  return [reshard_like(b, states[i].basis) for i, b in sorted(bases, key=lambda t: t[0])]
 
 
-def _project_sharded(g: jax.Array, basis: jax.Array) -> jax.Array:
-  """``g Q`` for ``g`` with a sharded projected axis and ``Q`` replicated over it: under
-  Explicit axes ``Q`` is sliced like ``g``'s last axis and the partial products are
-  summed (one all-reduce of the ``k x r`` result); otherwise a plain product."""
-  mesh = explicit_mesh(g)
-  spec = spec_of(g)
-  if mesh is None or spec[-1] is None:
-    return g @ basis
-  return sharded_matmul(g, reshard(basis, (*spec[:-2], spec[-1], None), mesh))
+def _per_matrix(refresh_one: Callable[..., Any], gs: list, states: list, specs: list,
+                strategy: str, names: list) -> tuple[list, list, list]:
+  """A ``sharded_refresh`` made of one row map per matrix leaf: ``(lows, used, nexts)``."""
+  out = [refresh_one(*z, strategy, n) for *z, n in zip(gs, states, specs, names, strict=True)]
+  return tuple(list(x) for x in zip(*out, strict=True)) if out else ([], [], [])
 
 
 # ---------------------------------------------------------------------------
@@ -298,18 +304,14 @@ def svd_projector(rank: int, *, update_every: int = 200) -> Projector:
   def refresh(g, state, count):
     del count
     r = state.basis.shape[-1]
-    top = _top_right_singular_vectors(unshard_axes(g, (-2, -1)), r)
+    top = top_right_singular_vectors(unshard_axes(g, (-2, -1)), r)
     new = SvdProjectorState(reshard_like(top, state.basis))
     return g @ new.basis, new, new
 
-  def sharded_refresh(g, state, count, *, spec=None, strategy="auto", name="matrix"):
+  def sharded_refresh(gs, states, count, *, specs, strategy="auto", names):
     del count
-    r = state.basis.shape[-1]
-
-    top = functools.partial(_top_right_singular_vectors, r=r)
-    (basis,) = owner_map(top, [g], specs=[spec], strategy=strategy, names=[name])
-    new = SvdProjectorState(reshard_like(basis, state.basis))
-    return _project_sharded(g, new.basis), new, new
+    news = [SvdProjectorState(b) for b in _top_bases(gs, states, specs, strategy, names)]
+    return [project_on_sharded_rows(g, n.basis) for g, n in zip(gs, news, strict=True)], news, news
 
   return Projector(rank, update_every, init, refresh, _on_basis, _from_basis, _basis_change,
                    sharded_refresh=sharded_refresh)
@@ -463,7 +465,7 @@ def online_pca_projector(
   def first_basis(g, state):
     r = state.basis.shape[-1]
     if initial_basis == "svd":
-      basis = _top_right_singular_vectors(unshard_axes(g, (-2, -1)), r)
+      basis = top_right_singular_vectors(unshard_axes(g, (-2, -1)), r)
     else:
       basis = dct_rows(top_columns(dct_transform(g), r, "l2"), g.shape[-1]).mT
     return state._replace(basis=reshard_like(basis, state.basis))
@@ -497,32 +499,45 @@ def online_pca_projector(
         count == 0, lambda: first_step(g, state), lambda: pca_step(g, state, count)
     )
 
-  def sharded_refresh(g, state, count, *, spec=None, strategy="auto", name="matrix"):
+  def pca_rows(g, state, spec, strategy, name, count):
+    """One leaf's step on whole rows (:func:`~optimizers.distributed.map_rows`): the
+    online-PCA step, or at ``count == 0`` the DCT start (``init="dct"``)."""
     r, d = state.basis.shape[-1], g.shape[-1]
-    start = state.basis  # the SVD start: whole matrices on their owners, at step 0 only
-    if initial_basis == "svd":
-      start = jax.lax.cond(count == 0, lambda: owner_map(
-          functools.partial(_top_right_singular_vectors, r=r), [g], specs=[spec],
-          strategy=strategy, names=[name])[0], lambda: state.basis)
 
-    def rows_fn(rows, basis, mu, nu, start, count, axis_name):  # rows: whole columns
+    def rows_fn(rows, basis, mu, nu, count, axis_name):  # rows: whole columns
       st = OnlinePcaProjectorState(basis, mu, nu)
+      step = lambda: pca_step(rows, st, count, axis_name)
+      if initial_basis == "svd":  # the SVD start runs on owners (sharded_refresh)
+        low, used, nxt = step()
+        return low, (used, nxt)
 
-      def first():
-        if initial_basis == "svd":
-          new = st._replace(basis=start)
-        else:  # the DCT start (row transform, column scores summed over rows)
-          idx = top_columns(dct_transform(rows), r, "l2", axis_name=axis_name)
-          new = st._replace(basis=dct_rows(idx, d).mT)
+      def first():  # the DCT start (row transform, column scores summed over rows)
+        idx = top_columns(dct_transform(rows), r, "l2", axis_name=axis_name)
+        new = st._replace(basis=dct_rows(idx, d).mT)
         return rows @ new.basis, new, new
 
-      low, used, nxt = jax.lax.cond(
-          count == 0, first, lambda: pca_step(rows, st, count, axis_name))
+      low, used, nxt = jax.lax.cond(count == 0, first, step)
       return low, (used, nxt)
 
-    low, (used, nxt) = map_rows(rows_fn, g, operands=(*state, start), args=(count,), spec=spec,
+    low, (used, nxt) = map_rows(rows_fn, g, operands=tuple(state), args=(count,), spec=spec,
                                 strategy=strategy, name=name)
-    return low, reshard_like(used, state), reshard_like(nxt, state)
+    return rows_layout(low, g), reshard_like(used, state), reshard_like(nxt, state)
+
+  def sharded_refresh(gs, states, count, *, specs, strategy="auto", names):
+    steps = lambda: _per_matrix(functools.partial(pca_rows, count=count), gs, states, specs,
+                                strategy, names)
+    if initial_basis == "dct":
+      return steps()
+
+    def svd_start():  # step 0: whole matrices on owner devices, one round trip for all
+      news = [st._replace(basis=b)
+              for st, b in zip(states, _top_bases(gs, states, specs, strategy, names),
+                               strict=True)]
+      lows = [rows_layout(project_on_sharded_rows(g, n.basis), g)
+              for g, n in zip(gs, news, strict=True)]
+      return lows, news, news
+
+    return jax.lax.cond(count == 0, svd_start, steps)
 
   return Projector(rank, update_every, init, refresh, _on_basis, _from_basis, _basis_change,
                    lagged=True, sharded_refresh=sharded_refresh)

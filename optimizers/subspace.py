@@ -216,28 +216,33 @@ def _select(projector: Projector, gs: list, pstates: list, count: jax.Array, ref
             sharded: Any = None, defer: bool = False):
   """Per leaf ``(g_low, used, next)`` (see :class:`Projector`): a refresh, or the
   projection on the kept state; leaves that are not projected keep their state.
-  ``sharded``: ``(raw gradients, oriented specs, names, strategy)``, the refresh of a
-  leaf whose matrix axes are sharded runs ``projector.sharded_refresh`` on its raw
-  (parameter-sharded) oriented gradient. ``defer``: for those leaves ``g_low`` is None
-  (refreshed or not), the caller projects on ``used`` once, after the ``lax.cond``."""
-  out = []
+  ``sharded``: ``(raw gradients, oriented specs, names, strategy)``, the leaves whose
+  matrix axes are sharded are refreshed together by ``projector.sharded_refresh`` on
+  their raw (parameter-sharded) oriented gradients. ``defer``: for those leaves
+  ``g_low`` is None (refreshed or not), the caller projects on ``used`` once, after the
+  ``lax.cond``."""
+  specs = [None] * len(gs) if sharded is None else sharded[1]
+  owned = [i for i, (g, spec) in enumerate(zip(gs, specs, strict=True))
+           if g is not None and spec is not None and any(e is not None for e in spec[-2:])]
+  out: list[Any] = [None] * len(gs)
+  if refresh and owned:
+    raws, _, names, strategy = sharded
+    got = projector.sharded_refresh(
+        [raws[i] for i in owned], [pstates[i] for i in owned], count,
+        specs=[specs[i] for i in owned], strategy=strategy, names=[names[i] for i in owned])
+    for i, low, used, nxt in zip(owned, *got, strict=True):
+      out[i] = (None if defer else low, reshard_like(used, pstates[i]),
+                reshard_like(nxt, pstates[i]))
   for i, (g, ps) in enumerate(zip(gs, pstates, strict=True)):
-    spec = None if sharded is None else sharded[1][i]
-    on_owner = spec is not None and any(e is not None for e in spec[-2:])
-    if g is None:
-      out.append((None, ps, ps))
-    elif refresh and on_owner:
-      raws, _, names, strategy = sharded
-      low, used, nxt = projector.sharded_refresh(
-          raws[i], ps, count, spec=spec, strategy=strategy, name=names[i])
-      out.append((None if defer else low, reshard_like(used, ps), reshard_like(nxt, ps)))
-    elif defer and on_owner:
-      out.append((None, ps, ps))
+    if out[i] is not None:
+      continue
+    if g is None or (defer and i in owned):
+      out[i] = (None, ps, ps)
     elif refresh:
       low, used, nxt = projector.refresh(g, ps, count)
-      out.append((low, reshard_like(used, ps), reshard_like(nxt, ps)))
+      out[i] = (low, reshard_like(used, ps), reshard_like(nxt, ps))
     else:
-      out.append((projector.project(g, ps), ps, ps))
+      out[i] = (projector.project(g, ps), ps, ps)
   return tuple(list(x) for x in zip(*out, strict=True))
 
 

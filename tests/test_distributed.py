@@ -260,3 +260,45 @@ def test_clip_coordinatewise_on_sharded_tree_gathers_nothing(axis_type):
   assert set(kinds) <= {"all-reduce"}, kinds
   assert kinds["all-reduce"]["count"] <= 31 + 2, kinds
   assert kinds["all-reduce"]["bytes"] <= 8 * kinds["all-reduce"]["count"], kinds  # 2 int32
+
+
+def test_collective_count_takes_a_conditionals_costliest_branch():
+  """`bench.hlo.collectives` counts one execution: a `lax.cond` as its branch with the
+  most collective bytes (one all-reduce of 64 floats, not the other branch's 16), the
+  loop body once per trip; `bytes_all_branches` adds both branches."""
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+
+  def body(x, pred):
+    big = lambda v: jax.lax.psum(v, "x")
+    small = lambda v: v.at[:4].set(jax.lax.psum(v[:4], "x"))
+    y = jax.lax.cond(pred, big, small, x)
+    return jax.lax.fori_loop(0, 3, lambda i, v: jax.lax.psum(v[:1], "x") + v, y)
+
+  run = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("x"), P()), out_specs=P("x"),
+                              check_vma=False))
+  x = jax.ShapeDtypeStruct((8 * 64,), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+  pred = jax.ShapeDtypeStruct((), jnp.bool_)
+  found = collectives(run.lower(x, pred).compile().as_text())
+  assert found["by_kind"] == {"all-reduce": {"count": 1 + 3, "bytes": 4 * 64 + 3 * 4}}
+  assert found["bytes_all_branches"] == 4 * (64 + 4) + 3 * 4
+
+
+def test_transposed_groups_pack_with_the_others():
+  """Groups whose rows and columns use the same mesh axes in the opposite order (a
+  transposed view) pack into one owner round trip (one all-to-all each way) and give
+  the single-device results."""
+  mesh = mesh_of(AxisType.Auto, (2, 4))
+  xs = {"a": np.asarray(jax.random.normal(jax.random.key(7), (2, 8, 16))),
+        "b": np.asarray(jax.random.normal(jax.random.key(8), (3, 16, 8))),
+        "c": np.asarray(jax.random.normal(jax.random.key(9), (8, 8)))}
+  specs = {"a": P(None, "data", "model"), "b": P(None, "model", "data"), "c": P("model", "data")}
+  ws = {k: jax.device_put(x, NamedSharding(mesh, specs[k])) for k, x in xs.items()}
+  names = list(xs)
+  run = jax.jit(lambda ws: owner_computes(FNS["soft"], [ws[k] for k in names], args=(1.5,),
+                                          specs=[specs[k] for k in names]))
+  got = run(ws)
+  for k, g in zip(names, got, strict=True):
+    assert g.sharding.spec == specs[k]
+    assert rel_err(g, FNS["soft"](jnp.asarray(xs[k]), 1.5)) <= 1e-6
+  kinds = collectives(run.lower(ws).compile().as_text())["by_kind"]
+  assert kinds == {"all-to-all": {"count": 2, "bytes": kinds["all-to-all"]["bytes"]}}, kinds

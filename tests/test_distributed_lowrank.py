@@ -222,3 +222,42 @@ def test_size_one_mesh_axis():
   np.testing.assert_allclose(vals, np.linalg.svd(x.astype(np.float64), compute_uv=False),
                              rtol=1e-5)
   assert collectives(run.lower(w).compile().as_text())["count"] == 0
+
+
+@pytest.mark.parametrize("axis_type", AXES, ids=AXIS_IDS)
+def test_owner_map_packs_groups_into_one_round_trip(axis_type):
+  """Groups of other shapes whose matrix axes use the same mesh axes in either order (a
+  transposed view) share one owner round trip: one all-to-all in, one all-gather of the
+  results; each result equals NumPy's on the global matrix (float64 SVD)."""
+  mesh = mesh_of(axis_type)
+  shapes = [(4, 8, 12), (12, 8), (3, 16, 8), (2, 8, 8)]
+  specs = [P(None, "data", "model"), P("model", "data"), P(None, "model", "data"),
+           P(None, "data", "model")]
+  xs = [np.asarray(jax.random.normal(jax.random.key(10 + i), s)) for i, s in enumerate(shapes)]
+  ws = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(xs, specs, strict=True)]
+
+  def top(a):  # results of two shapes, neither the input's
+    return {"s": jnp.linalg.svd(a, compute_uv=False)[:, :3], "col": (a * a).sum(-2)}
+
+  with jax.set_mesh(mesh):
+    fn = jax.jit(lambda ws: owner_map(top, ws, specs=specs))
+    out = fn(ws)
+    kinds = collectives(fn.lower(ws).compile().as_text())["by_kind"]
+  for x, o in zip(xs, out, strict=True):
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(o["s"], np.linalg.svd(x64, compute_uv=False)[..., :3], rtol=1e-5)
+    np.testing.assert_allclose(o["col"], (x64 * x64).sum(-2), rtol=1e-5)
+  assert kinds == {"all-to-all": kinds["all-to-all"], "all-gather": kinds["all-gather"]}, kinds
+  assert kinds["all-to-all"]["count"] == 1 and kinds["all-gather"]["count"] == 1, kinds
+
+
+@pytest.mark.parametrize("name", ["svd_subspace", "online_subspace_descent_svd"])
+def test_svd_of_every_leaf_in_one_round_trip(name):
+  """The SVD refresh (and the online-PCA SVD start) of all sharded leaves share one owner
+  round trip per set of mesh axes of the matrix axes: s, t and u (data and model, in
+  either order) one, v (model only) another; 2 all-to-alls in all."""
+  mesh = mesh_of(AxisType.Auto)
+  shard = {n: NamedSharding(mesh, s) for n, s in SPECS.items()}
+  _, compiled = run_steps(METHODS[name](SPECS), gradients(100), [gradients(0)], shard)
+  kinds = collectives(compiled.as_text())["by_kind"]
+  assert kinds["all-to-all"]["count"] == 2, kinds

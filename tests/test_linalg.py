@@ -13,12 +13,13 @@ from jax.sharding import PartitionSpec as P
 from _reference import rel_err, singular_values, with_spectrum
 from optimizers import linalg
 from optimizers.linalg import (
-    hard_spectral_clip,
-    inverse_sqrt_apply,
-    orthogonalize,
-    psd_top_eigenvalue_bound,
-    soft_spectral_clip,
-    symmetric_sign,
+  hard_spectral_clip,
+  inverse_sqrt_apply,
+  orthogonalize,
+  psd_top_eigenvalue_bound,
+  soft_spectral_clip,
+  symmetric_sign,
+  top_right_singular_vectors,
 )
 
 SOFT = jax.jit(soft_spectral_clip)
@@ -364,3 +365,20 @@ def test_sharded_inputs(axis_type):
         np.testing.assert_allclose(got, expected[k], rtol=1e-5, atol=1e-6)
         got_t = f(jnp.swapaxes(xs, -1, -2)) if k == "orth" else f(jnp.swapaxes(xs, -1, -2), 1.0)
         np.testing.assert_allclose(got_t, jnp.swapaxes(expected[k], -1, -2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (3, 5, 8), (2, 8, 5)])
+def test_top_right_singular_vectors_span_numpys(shape):
+  """The top-r right singular vectors (r = 3) span NumPy's float64 ones (projectors
+  V V^T equal; the vectors themselves are defined up to sign); zero matrices give
+  finite orthonormal columns."""
+  x = np.random.default_rng(sum(shape)).standard_normal(shape)
+  v = np.asarray(top_right_singular_vectors(jnp.asarray(x, jnp.float32).reshape(-1, *shape[-2:]),
+                                            3), np.float64)
+  _, _, vh = np.linalg.svd(x.reshape(-1, *shape[-2:]), full_matrices=False)
+  want = vh[:, :3, :].transpose(0, 2, 1)
+  np.testing.assert_allclose(v @ v.transpose(0, 2, 1), want @ want.transpose(0, 2, 1), atol=1e-5)
+  z = np.asarray(top_right_singular_vectors(jnp.zeros((2, *shape[-2:])), 3))
+  assert np.isfinite(z).all()
+  np.testing.assert_allclose(z.transpose(0, 2, 1) @ z, np.broadcast_to(np.eye(3), (2, 3, 3)),
+                             atol=1e-6)
