@@ -194,6 +194,8 @@ def measure(s: Setup, method: methods_lib.Method, step: bool = True) -> dict[str
     c = out[part]["collectives"]
     out[part]["bytes_over_param_bytes"] = c["bytes"] / s.param_bytes
     out[part]["bytes_over_matrix_bytes"] = c["bytes"] / s.matrix_bytes
+    # Every branch of every lax.cond added (no single update moves this much).
+    out[part]["all_branches_over_matrix_bytes"] = c["bytes_all_branches"] / s.matrix_bytes
   return out
 
 
@@ -410,7 +412,8 @@ def main(quick: bool = False, only: dict | None = None, flops_meshes: tuple = ME
   results: dict[str, Any] = {"config": {
       "quick": quick, "model": dataclasses.asdict(QUICK_MODEL if quick else FULL_MODEL),
       "batch": QUICK_BATCH if quick else FULL_BATCH, "devices": jax.device_count(),
-      "bytes": "per device, summed over the compiled program (loops x trip count)",
+      "bytes": "per device, summed over the compiled program (loops x trip count; a lax.cond"
+               " as its costliest branch: one update; all_branches_*: every branch added)",
   }}
   if jax.device_count() != 8:  # e.g. `python -m bench` on one CPU device: run in 8
     return _run_on_eight_devices(quick)
