@@ -203,8 +203,8 @@ def dct_projector(
     del count
     return _per_matrix(sharded_refresh_one, gs, states, specs, strategy, names)
 
-  def project(g, state):
-    return g @ dct_rows(state.indices, g.shape[-1]).mT
+  def project(g, state):  # partial products summed when g's last axis is sharded
+    return project_on_sharded_rows(g, dct_rows(state.indices, g.shape[-1]).mT)
 
   def back_project(u, state, d):
     return u @ dct_rows(state.indices, d)
@@ -222,8 +222,8 @@ def dct_projector(
 
 
 def _on_basis(g: jax.Array, state: Any) -> jax.Array:
-  """``g Q``."""
-  return g @ state.basis
+  """``g Q`` (partial products summed when ``g``'s last axis is sharded)."""
+  return project_on_sharded_rows(g, state.basis)
 
 
 def _from_basis(u: jax.Array, state: Any, d: int) -> jax.Array:

@@ -131,6 +131,11 @@ def _oriented(x: jax.Array, plan: _Plan) -> jax.Array:
   return v.mT if plan.project_m else v
 
 
+def _oriented_float32(x: jax.Array, plan: _Plan | None) -> jax.Array | None:
+  """A projected leaf as its oriented ``(*batch, k, d)`` float32 view (None otherwise)."""
+  return None if plan is None else upcast(_oriented(x, plan))
+
+
 def _from_oriented(y: jax.Array, plan: _Plan, shape: tuple[int, ...]) -> jax.Array:
   return from_matrix(y.mT if plan.project_m else y, plan.dims, shape)
 
@@ -452,8 +457,7 @@ def subspace(
       inner_updates, inner_state = inner.update(updates, state.inner_state, None)
       return inner_updates, state._replace(count=next_count, inner_state=inner_state)
     leaves, treedef, plans = _plans(updates, weight_dimension_numbers, rank, side)
-    raws = [None if p is None else upcast(_oriented(x, p)) for x, p in zip(leaves, plans,
-                                                                           strict=True)]
+    raws = list(map(_oriented_float32, leaves, plans))
     gs = [None if r is None else unshard_axes(r, (-1,)) for r in raws]  # projected axis whole
     sharded = _sharded_inputs(projector, sharding_strategy, updates, raws, leaves, plans,
                               treedef, param_specs)
@@ -473,8 +477,9 @@ def subspace(
 
     due = count % every == 0
     lows, used, nxt, inner_state = when(due, refreshed, kept, state.inner_state)
-    lows = [projector.project(g, us) if low is None and g is not None else low
-            for low, g, us in zip(lows, gs, used, strict=True)]
+    # Deferred (owner-path) leaves: projected in the parameter's sharding (partial sums).
+    lows = [projector.project(raw, us) if low is None and raw is not None else low
+            for low, raw, us in zip(lows, raws, used, strict=True)]
     low_tree = state_def.unflatten(list(map(_low_leaf, leaves, gs, lows)))
     inner_updates, inner_state = inner.update(low_tree, inner_state, None)
     if on_refresh == "rotate" and projector.lagged:

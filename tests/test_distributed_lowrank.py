@@ -22,7 +22,14 @@ from jax.sharding import PartitionSpec as P
 
 from _reference import rel_err
 from bench.hlo import collectives
-from optimizers import dct_adamw, online_subspace_descent, subspace, svd_projector, trion
+from optimizers import (
+    dct_adamw,
+    dct_projector,
+    online_subspace_descent,
+    subspace,
+    svd_projector,
+    trion,
+)
 from optimizers.distributed import map_rows, owner_map, row_pmax, row_psum
 
 AXES = [AxisType.Explicit, AxisType.Auto]
@@ -46,6 +53,10 @@ METHODS = {
     # SVD every 2 steps: the refresh (steps 0, 2) and the kept basis (step 1)
     "svd_subspace": lambda specs: optax.chain(
         subspace(optax.scale_by_adam(), svd_projector(3, update_every=2), param_specs=specs),
+        optax.scale_by_learning_rate(1e-2)),
+    # DCT every 2 steps: the kept indices project the sharded gradient (partial sums)
+    "dct_subspace_every_2": lambda specs: optax.chain(
+        subspace(optax.scale_by_adam(), dct_projector(3, update_every=2), param_specs=specs),
         optax.scale_by_learning_rate(1e-2)),
     # Newton–Schulz on the projected momenta (k x 3) on owner devices. The convergent
     # "quintic" coefficients: Muon's (the default) amplify the float32 rounding differences
