@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from optimizers._owners import (
@@ -185,6 +186,7 @@ def owner_map(
     specs: Sequence[Any] | None = None,
     strategy: str = "auto",
     names: Sequence[str] | None = None,
+    split_results_by_column: bool = False,
 ) -> list[Any]:
   r"""A matrix function with small per-matrix results, each matrix computed whole on one device.
 
@@ -228,6 +230,12 @@ def owner_map(
       :func:`~optimizers.distributed.owner_computes`).
     strategy: ``"auto"``, ``"owner"``, ``"replicate"`` or ``"gspmd"``.
     names: a name per matrix for the fallback warning.
+    split_results_by_column: ``fn`` returns one array ``(q, n, ...)`` per call (e.g.
+      a basis ``d x r`` of the columns); each device receives only its slice of the
+      axis ``n``, sharded like the matrix's columns: one all-to-all of the owners'
+      slices instead of the all-gather (``1 / S_n`` of its bytes, ``S_n`` the devices
+      sharding the columns). Every group takes the packed owner path (``"auto"`` and
+      ``"owner"``); otherwise the results come back replicated.
 
   Returns:
     Per matrix, the pytree of ``fn``'s outputs with leading axes ``batch``.
@@ -259,11 +267,13 @@ def owner_map(
 
   out, groups = group_matrices(list(matrices), specs, names, strategy, unbatched)
   results = _ResultLayout(fn, args)
-  for pack in packs(groups, strategy, results.own_elements, results.packed_elements):
-    if len(pack) == 1:
+  split = split_results_by_column and strategy in ("auto", "owner")
+  own = (lambda g, s: math.inf) if split else results.own_elements  # split: always packed
+  for pack in packs(groups, strategy, own, results.packed_elements):
+    if len(pack) == 1 and not split:
       ys = [_owner_map_group(fn, pack[0], args, strategy)]
     else:
-      ys = _owner_map_packed(fn, [PackedGroup(items) for items in pack], args, results)
+      ys = _owner_map_packed(fn, [PackedGroup(items) for items in pack], args, results, split)
     for items, group_ys in zip(pack, ys, strict=True):
       for it, y in zip(items, group_ys, strict=True):
         out[it.index] = y
@@ -313,35 +323,49 @@ class _ResultLayout:
     """``fn``'s outputs for ``k`` matrices -> ``(k, size)``."""
     return jnp.concatenate([y.reshape(k, -1) for y in jax.tree.leaves(res)], axis=1)
 
-  def unflatten(self, g: PackedGroup, vec: jax.Array) -> Any:
-    """One matrix's flat results -> the pytree of ``fn``'s outputs (no leading axis)."""
+  def unflatten(self, g: PackedGroup, vec: jax.Array, column_slice: bool = False) -> Any:
+    """One matrix's flat results -> the pytree of ``fn``'s outputs (no leading axis);
+    ``column_slice``: one array's slice ``n / s_n`` of its first axis."""
     shapes = self.shapes(g)
     leaves, o = [], 0
     for y in jax.tree.leaves(shapes):
-      n = math.prod(y.shape[1:])
-      leaves.append(vec[o : o + n].reshape(y.shape[1:]))
-      o += n
+      shape = (y.shape[1] // g.s_n, *y.shape[2:]) if column_slice else y.shape[1:]
+      leaves.append(vec[o : o + math.prod(shape)].reshape(shape))
+      o += math.prod(shape)
     return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
 
 
 def _owner_map_packed(fn: Callable[..., Any], groups: list[PackedGroup], args: tuple,
-                      results: _ResultLayout) -> list[list[Any]]:
+                      results: _ResultLayout, split: bool = False) -> list[list[Any]]:
   """:func:`owner_map` for several groups in one round trip (:class:`Packing`): one
   ``(S, C)`` all-to-all of the blocks in, ``fn`` on each device's own matrices
-  (``lax.switch`` on its mesh index), one all-gather of every owner's results."""
+  (``lax.switch`` on its mesh index), one all-gather of every owner's results (``split``:
+  one all-to-all of each device's column slices of them)."""
+  for g in groups if split else ():
+    shapes = [y.shape for y in jax.tree.leaves(results.shapes(g))]
+    if len(shapes) != 1 or len(shapes[0]) < 2 or shapes[0][1] != g.n:
+      raise ValueError(f"split_results_by_column needs fn to return one array (q, n, ...) "
+                       f"with n = {g.n} the matrices' columns; got shapes {shapes}")
   pack = Packing(groups)
   axes = pack.axes
-  rchunk = results.chunk(pack)
+  # split: the column block of every device (all-to-all order) per group, and the
+  # elements of one column slice of a matrix's results
+  cols = [np.argsort(bd) % g.s_n for g, bd in zip(groups, pack.block_devices, strict=True)]
+  size = [results.size(g) // (g.s_n if split else 1) for g in groups]
+  rchunk = max(sum(size[gi] for gi, _, _ in rows) for rows in pack.offsets)
+  width = (pack.s, rchunk) if split else (rchunk,)
 
   def compute(signature, recv, a):
-    parts = {}  # chunk offset -> that matrix's flat results
-    for _, starts, whole in pack.whole(signature, recv):
+    parts = {}  # chunk offset -> that matrix's flat results ((S, slice) with split)
+    for gi, starts, whole in pack.whole(signature, recv):
       flat = results.flatten(fn(whole, *a), len(starts))
+      if split:
+        flat = flat.reshape(len(starts), groups[gi].s_n, -1)[:, cols[gi]]
       parts.update({st: flat[k] for k, st in enumerate(starts)})
     if not parts:  # a device that owns no matrix
-      return jnp.zeros((rchunk,), results.dtype(groups[0]))
-    vec = jnp.concatenate([parts[st] for st in sorted(parts)])
-    return jnp.pad(vec, (0, rchunk - vec.shape[0]))
+      return jnp.zeros(width, results.dtype(groups[0]))
+    vec = jnp.concatenate([parts[st] for st in sorted(parts)], axis=-1)
+    return jnp.pad(vec, [(0, 0)] * (vec.ndim - 1) + [(0, rchunk - vec.shape[-1])])
 
   n_items = sum(len(g.items) for g in groups)
 
@@ -350,18 +374,22 @@ def _owner_map_packed(fn: Callable[..., Any], groups: list[PackedGroup], args: t
     me = jnp.asarray(pack.branch_of, jnp.int32)[jax.lax.axis_index(axes)]
     mine = jax.lax.switch(me, [lambda r, *a, sig=sig: compute(sig, r, a)
                                for sig in pack.signatures], recv, *operands[n_items:])
-    every = jax.lax.all_gather(mine, axes, axis=0, tiled=False)  # (S, rchunk)
+    if split:  # row o: owner o's slices for this device
+      every = jax.lax.all_to_all(mine, axes, 0, 0, tiled=True)
+    else:
+      every = jax.lax.all_gather(mine, axes, axis=0, tiled=False)  # (S, rchunk)
     res = [[None] * g.b for g in groups]
     for d, rows in enumerate(pack.offsets):
       o = 0
       for gi, j, _ in rows:
-        size = results.size(groups[gi])
-        res[gi][j] = results.unflatten(groups[gi], every[d, o : o + size])
-        o += size
+        res[gi][j] = results.unflatten(groups[gi], every[d, o : o + size[gi]], split)
+        o += size[gi]
     return tuple(y for g, r in zip(groups, res, strict=True)
                  for y in g.split(jax.tree.map(lambda *ys: jnp.stack(ys), *r)))
 
-  return packed_map(body, groups, args, lambda it: _batch_spec(it.spec))
+  out_spec = (lambda it: P(*it.spec[:-2], it.spec[-1])) if split else (
+      lambda it: _batch_spec(it.spec))
+  return packed_map(body, groups, args, out_spec)
 
 
 def _owner_map_group(fn: Callable[..., Any], items: list[OwnedMatrix], args: tuple,

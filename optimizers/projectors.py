@@ -17,7 +17,8 @@ shape ``(*batch, d, r)`` with orthonormal columns, the low-rank gradient is
   2403.03507).
 
 Projector arrays (indices, bases) are sharded like the parameter's batch axes
-and replicated otherwise (the wrapper places them).
+and replicated otherwise, except the SVD bases, also sharded along the projected
+axis like the parameter (the wrapper places them).
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class Projector(NamedTuple):
       one owner round trip); equal to ``refresh`` up to the rounding of sums.
       ``None``: :func:`subspace` uses ``refresh`` on the gradient with its
       projected axis unsharded.
+    shards_basis: the state's bases ``(*batch, d, r)`` are sharded along ``d`` like
+      the parameter's projected axis (SVD: a device keeps, and a refresh sends it,
+      only the rows of ``Q`` its gradient block meets); else replicated past batch.
   """
 
   rank: int
@@ -113,6 +117,7 @@ class Projector(NamedTuple):
   change_of_basis: Callable[..., jax.Array]
   lagged: bool = False
   sharded_refresh: Callable[..., Any] | None = None
+  shards_basis: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -233,19 +238,21 @@ def _from_basis(u: jax.Array, state: Any, d: int) -> jax.Array:
 
 
 def _basis_change(old: Any, new: Any) -> jax.Array:
-  """``Q_old^T Q_new``."""
-  return old.basis.mT @ new.basis
+  """``Q_old^T Q_new`` (the partial products summed when ``d`` is sharded)."""
+  return sharded_matmul(old.basis.mT, new.basis)
 
-def _top_bases(gs: list, states: list, specs: list, strategy: str, names: list) -> list:
+def _top_bases(gs: list, states: list, specs: list, strategy: str, names: list,
+               split: bool = False) -> list:
   """The top-``r`` right singular vectors of every gradient of ``gs`` (``r`` and the
   layout from each state's ``basis``), whole matrices on owner devices: one round trip
-  for all (:func:`~optimizers.distributed.owner_map`)."""
+  for all (:func:`~optimizers.distributed.owner_map`; ``split``: each device receives
+  the rows of the bases along its block of the projected axis)."""
   bases = []
   for r in sorted({st.basis.shape[-1] for st in states}):
     mine = [i for i, st in enumerate(states) if st.basis.shape[-1] == r]
     got = owner_map(functools.partial(top_right_singular_vectors, r=r), [gs[i] for i in mine],
                     specs=[specs[i] for i in mine], strategy=strategy,
-                    names=[names[i] for i in mine])
+                    names=[names[i] for i in mine], split_results_by_column=split)
     bases.extend(zip(mine, got, strict=True))
   return [reshard_like(b, states[i].basis) for i, b in sorted(bases, key=lambda t: t[0])]
 
@@ -306,15 +313,16 @@ def svd_projector(rank: int, *, update_every: int = 200) -> Projector:
     r = state.basis.shape[-1]
     top = top_right_singular_vectors(unshard_axes(g, (-2, -1)), r)
     new = SvdProjectorState(reshard_like(top, state.basis))
-    return g @ new.basis, new, new
+    return _on_basis(g, new), new, new
 
   def sharded_refresh(gs, states, count, *, specs, strategy="auto", names):
     del count
-    news = [SvdProjectorState(b) for b in _top_bases(gs, states, specs, strategy, names)]
+    news = [SvdProjectorState(b)
+            for b in _top_bases(gs, states, specs, strategy, names, split=True)]
     return [project_on_sharded_rows(g, n.basis) for g, n in zip(gs, news, strict=True)], news, news
 
   return Projector(rank, update_every, init, refresh, _on_basis, _from_basis, _basis_change,
-                   sharded_refresh=sharded_refresh)
+                   sharded_refresh=sharded_refresh, shards_basis=True)
 
 
 # ---------------------------------------------------------------------------
@@ -507,16 +515,13 @@ def online_pca_projector(
     def rows_fn(rows, basis, mu, nu, count, axis_name):  # rows: whole columns
       st = OnlinePcaProjectorState(basis, mu, nu)
       step = lambda: pca_step(rows, st, count, axis_name)
-      if initial_basis == "svd":  # the SVD start runs on owners (sharded_refresh)
-        low, used, nxt = step()
-        return low, (used, nxt)
-
       def first():  # the DCT start (row transform, column scores summed over rows)
         idx = top_columns(dct_transform(rows), r, "l2", axis_name=axis_name)
         new = st._replace(basis=dct_rows(idx, d).mT)
         return rows @ new.basis, new, new
 
-      low, used, nxt = jax.lax.cond(count == 0, first, step)
+      # (the SVD start runs on owners: sharded_refresh)
+      low, used, nxt = step() if initial_basis == "svd" else jax.lax.cond(count == 0, first, step)
       return low, (used, nxt)
 
     low, (used, nxt) = map_rows(rows_fn, g, operands=tuple(state), args=(count,), spec=spec,
@@ -541,7 +546,6 @@ def online_pca_projector(
 
   return Projector(rank, update_every, init, refresh, _on_basis, _from_basis, _basis_change,
                    lagged=True, sharded_refresh=sharded_refresh)
-
 
 
 # ---------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def subspace_partition_specs(
   with ``AxisType.Explicit`` axes, where :func:`subspace` places every state
   leaf (rank-shaped moments: the parameter's batch and kept axes, rank axis
   replicated; indices and bases: the parameter's batch axes, the rest
-  replicated; counters replicated). Use the result with
+  replicated, except SVD bases, also sharded along the projected axis like the
+  parameter; counters replicated). Use the result with
   ``NamedSharding(mesh, spec)`` to place the state, e.g. for a pretraining
   script; the jitted update keeps these shardings.
 
@@ -76,7 +77,7 @@ def logical_partition_specs(
     unprojected side and of the stacked (batch) axes; the rank axis is ``None``
     (replicated);
   * projector state (DCT indices, SVD / online-PCA bases) keeps the names of the
-    stacked axes (and of the projected side for bases), ``None`` elsewhere;
+    stacked axes (and of the projected side for SVD bases), ``None`` elsewhere;
   * counters and other scalars: ``P()``.
 
   Each leaf's spec has one entry per axis of the state leaf, so the result

@@ -20,12 +20,14 @@ low-rank update ``U`` is ``U Q^T``.
 Sharding. Low-rank tensors (the inner optimizer's moments) keep the
 parameter's sharding on the batch and kept axes and are replicated along the
 rank axis; projector arrays (indices, bases) are sharded like the parameter's
-batch axes and replicated otherwise. A refresh of a sharded matrix runs on an
+batch axes and replicated otherwise (SVD bases: also along the projected axis,
+``Projector.shards_basis``). A refresh of a sharded matrix runs on an
 owner path of :mod:`optimizers.distributed` (``sharding_strategy``): the DCT
 selection and the online-PCA step on whole rows (one all-to-all of the
 gradient's block in, the ``k x r`` projection all-gathered back, small
-reductions between), the SVD on whole matrices (one all-to-all in, the
-``d x r`` bases all-gathered back). The sharding is read from the arrays'
+reductions between), the SVD of every sharded leaf on whole matrices in one
+packed round trip (one all-to-all in; each device's rows of the ``d x r`` bases
+back by a second all-to-all). The sharding is read from the arrays'
 types under ``AxisType.Explicit`` mesh axes and from ``param_specs`` under
 ``Auto`` axes. Otherwise (``sharding_strategy="gspmd"``, no sharding
 information) the gradient is resharded so that the projected axis is unsharded
@@ -196,8 +198,9 @@ def _init_leaf(projector: Projector, x: Any, plan: _Plan | None, dummy: Any):
     return low, pstate
   spec = spec_of(jax.eval_shape(lambda x: _oriented(x, plan), x))
   nb = len(plan.batch_shape)
-  return (reshard(low, _low_spec(spec), mesh),
-          jax.tree.map(lambda a: reshard(a, spec[:nb], mesh), pstate))
+  basis_spec = (*spec[:nb], spec[-1]) if projector.shards_basis else spec[:nb]
+  return (reshard(low, _low_spec(spec), mesh), jax.tree.map(
+      lambda a: reshard(a, basis_spec if a.ndim == nb + 2 else spec[:nb], mesh), pstate))
 
 
 def _oriented_specs(leaves: list, plans: list, param_specs: Any, treedef) -> list:

@@ -267,15 +267,48 @@ def test_owner_map_packs_groups_into_one_round_trip(axis_type):
 def test_svd_of_every_leaf_in_one_round_trip(name, axis_type):
   """The SVD refresh (and the online-PCA SVD start) of all sharded leaves share one owner
   round trip per set of mesh axes of the matrix axes: s, t and u (data and model, in
-  either order) one, v (model only) another; 2 all-to-alls in all. Under Explicit axes
-  svd_subspace gathers nothing but the 2 rounds of bases: between refreshes the gradient
-  is projected in its own sharding. (Under Auto axes the partitioner also places this
-  small test's moments by all-gathers of its own choosing.)"""
+  either order) one, v (model only) another. The SVD projector's bases come back as
+  each device's rows of them (an all-to-all each way: 4 in all, no all-gather under
+  Explicit axes: between refreshes the gradient is projected in its own sharding);
+  the online-PCA start all-gathers its bases (2 all-to-alls). (Under Auto axes the
+  partitioner also places this small test's moments by all-gathers of its own.)"""
   mesh = mesh_of(axis_type)
   shard = {n: NamedSharding(mesh, s) for n, s in SPECS.items()}
   specs = None if axis_type == AxisType.Explicit else SPECS
   _, compiled = run_steps(METHODS[name](specs), gradients(100), [gradients(0)], shard)
   kinds = collectives(compiled.as_text())["by_kind"]
-  assert kinds["all-to-all"]["count"] == 2, kinds
+  assert kinds["all-to-all"]["count"] == (4 if name == "svd_subspace" else 2), kinds
   if name == "svd_subspace" and axis_type == AxisType.Explicit:
-    assert kinds["all-gather"]["count"] == 2, kinds
+    assert "all-gather" not in kinds, kinds
+
+
+@pytest.mark.parametrize("axis_type", AXES, ids=AXIS_IDS)
+def test_owner_map_split_results_by_column(axis_type):
+  """split_results_by_column: each device receives only its rows of every matrix's
+  ``n x r`` result, sharded like the matrix's columns (one all-to-all each way, no
+  all-gather); the results span NumPy's float64 top right singular vectors. A function
+  whose result does not start with the column axis is refused."""
+  mesh = mesh_of(axis_type)
+  shapes = [(4, 8, 12), (12, 8), (3, 16, 8)]
+  specs = [P(None, "data", "model"), P("model", "data"), P(None, "model", "data")]
+  xs = [np.asarray(jax.random.normal(jax.random.key(20 + i), s)) for i, s in enumerate(shapes)]
+  ws = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(xs, specs, strict=True)]
+
+  def top(a):
+    return jnp.linalg.svd(a, full_matrices=False)[2][..., :3, :].mT
+
+  with jax.set_mesh(mesh):
+    fn = jax.jit(lambda ws: owner_map(top, ws, specs=specs, split_results_by_column=True))
+    out = fn(ws)
+    kinds = collectives(fn.lower(ws).compile().as_text())["by_kind"]
+    with pytest.raises(ValueError, match="split_results_by_column"):
+      owner_map(lambda a: a[:, :2], ws, specs=specs, split_results_by_column=True)
+  for x, o, spec in zip(xs, out, specs, strict=True):
+    if axis_type == AxisType.Explicit:
+      assert o.sharding.spec[-2] == spec[-1]
+    v = np.asarray(o, np.float64)
+    _, _, vh = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    want = np.swapaxes(vh[..., :3, :], -1, -2)
+    np.testing.assert_allclose(v @ np.swapaxes(v, -1, -2), want @ np.swapaxes(want, -1, -2),
+                               atol=1e-5)
+  assert kinds == {"all-to-all": {"count": 2, "bytes": kinds["all-to-all"]["bytes"]}}, kinds
