@@ -367,13 +367,8 @@ def _owner_map_packed(fn: Callable[..., Any], groups: list[PackedGroup], args: t
     vec = jnp.concatenate([parts[st] for st in sorted(parts)], axis=-1)
     return jnp.pad(vec, [(0, 0)] * (vec.ndim - 1) + [(0, rchunk - vec.shape[-1])])
 
-  n_items = sum(len(g.items) for g in groups)
-
   def body(*operands):
-    recv = jax.lax.all_to_all(pack.send(operands[:n_items]), axes, 0, 0, tiled=True)
-    me = jnp.asarray(pack.branch_of, jnp.int32)[jax.lax.axis_index(axes)]
-    mine = jax.lax.switch(me, [lambda r, *a, sig=sig: compute(sig, r, a)
-                               for sig in pack.signatures], recv, *operands[n_items:])
+    mine = pack.owned(compute, operands)
     if split:  # row o: owner o's slices for this device
       every = jax.lax.all_to_all(mine, axes, 0, 0, tiled=True)
     else:

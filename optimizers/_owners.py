@@ -209,6 +209,17 @@ class Packing:
     self.signatures = sorted({tuple(gi for gi, _ in mine) for mine in owned})
     self.branch_of = [self.signatures.index(tuple(gi for gi, _ in mine)) for mine in owned]
 
+  def owned(self, compute: Callable[..., jax.Array], operands: tuple) -> jax.Array:
+    """In a ``shard_map`` body over every matrix array of the groups then replicated
+    extra operands: the blocks to their owners (one all-to-all), then
+    ``compute(signature, received, extras)`` on this device's own matrices only
+    (``lax.switch`` on its mesh index)."""
+    n = sum(len(g.items) for g in self.groups)
+    recv = jax.lax.all_to_all(self.send(operands[:n]), self.axes, 0, 0, tiled=True)
+    me = jnp.asarray(self.branch_of, jnp.int32)[jax.lax.axis_index(self.axes)]
+    return jax.lax.switch(me, [lambda r, *a, sig=sig: compute(sig, r, a)
+                               for sig in self.signatures], recv, *operands[n:])
+
   def send(self, xs: Sequence[jax.Array]) -> jax.Array:
     """The ``(s, chunk)`` all-to-all operand: row ``d`` holds this device's blocks of
     device ``d``'s matrices; ``xs`` are the local blocks of every group's arrays."""

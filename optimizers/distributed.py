@@ -239,14 +239,9 @@ def _run_packed(fn: Callable[..., jax.Array], groups: list[PackedGroup], args: t
         out = out.at[:, st : st + g.block].set(res[:, k])
     return out
 
-  n_items = sum(len(g.items) for g in groups)
-
   def body(*operands):
-    recv = jax.lax.all_to_all(pack.send(operands[:n_items]), axes, 0, 0, tiled=True)
-    me = jnp.asarray(pack.branch_of, jnp.int32)[jax.lax.axis_index(axes)]
-    out = jax.lax.switch(me, [lambda r, *a, sig=sig: compute(sig, r, a)
-                              for sig in pack.signatures], recv, *operands[n_items:])
-    back = jax.lax.all_to_all(out, axes, 0, 0, tiled=True)  # row = owner device
+    back = jax.lax.all_to_all(pack.owned(compute, operands), axes, 0, 0,
+                              tiled=True)  # row = owner device
     res = [[None] * g.b for g in groups]
     for d, rows in enumerate(pack.offsets):
       for gi, j, o in rows:
