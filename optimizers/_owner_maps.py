@@ -29,7 +29,6 @@ from optimizers._owners import (
     axis_names,
     check_strategy,
     group_matrices,
-    local_shape,
     packed_map,
     packs,
     resolve_sharding,
@@ -170,14 +169,6 @@ def map_rows(
   return mapped(x, *operands, *args)
 
 
-def _whole(blocks: jax.Array, s_m: int, s_n: int, ml: int, nl: int) -> jax.Array:
-  """``(s, k, ml, nl)`` blocks (axis 0 the source device, row-major over the row then
-  column mesh axes) -> the ``k`` whole ``(s_m ml) x (s_n nl)`` matrices."""
-  k = blocks.shape[1]
-  y = blocks.reshape(s_m, s_n, k, ml, nl).transpose(2, 0, 3, 1, 4)
-  return y.reshape(k, s_m * ml, s_n * nl)
-
-
 def owner_map(
     fn: Callable[..., Any],
     matrices: Sequence[jax.Array],
@@ -193,12 +184,13 @@ def owner_map(
   The generalisation of :func:`~optimizers.distributed.owner_computes` to functions
   whose outputs are not matrices of the input's shape, e.g. the top-``r`` right singular vectors
   (``d x r``) of an SVD projector refresh. The matrices are grouped and sent to
-  their owners as there (one all-to-all in, the group padded to a multiple of
-  the ``S`` devices sharding the matrix axes); ``fn`` runs locally on
-  ``q = ceil(b / S)`` whole matrices; its outputs (a pytree of arrays
+  their owners as there (one all-to-all in; with ``b`` matrices on ``S`` devices
+  sharding the matrix axes, each owner gets ``ceil(b / S)`` whole matrices or
+  fewer, and devices without one stay idle rather than computing padding);
+  ``fn`` runs locally on its owner's matrices; the outputs (a pytree of arrays
   ``(q, ...)``) are all-gathered over the matrix axes, so every device of the
   group holds the results of all the group's matrices: per device
-  ``S q / b`` times the bytes of the results (small by design), replicated over
+  ``S ceil(b / S) / b`` times the bytes of the results (small by design), replicated over
   the matrix axes and sharded like the matrices' batch axes, the layout of the
   low-rank projectors' states. ``"replicate"`` (the ``"auto"`` choice for a
   group of a single matrix) all-gathers the whole matrices instead and computes
@@ -217,7 +209,7 @@ def owner_map(
   one dtype) gives every device all the results. Per device ``S (C + R)``
   elements, against ``S ceil(b / S) (e + r)`` per padded group (``e`` a
   local block's elements, ``r`` a matrix's results). For the 16 matrices of the
-  4-layer GPT of ``bench/pretrain.py`` on 8 devices: 1.14 times the matrix
+  4-layer GPT of ``bench/pretrain.py`` on 8 devices: 1.17 times the matrix
   bytes in (2.0 padded, per leaf) and 0.67 times out (1.33 padded).
 
   Args:
@@ -270,10 +262,12 @@ def owner_map(
   split = split_results_by_column and strategy in ("auto", "owner")
   own = (lambda g, s: math.inf) if split else results.own_elements  # split: always packed
   for pack in packs(groups, strategy, own, results.packed_elements):
-    if len(pack) == 1 and not split:
-      ys = [_owner_map_group(fn, pack[0], args, strategy)]
-    else:
-      ys = _owner_map_packed(fn, [PackedGroup(items) for items in pack], args, results, split)
+    layouts = [PackedGroup(items) for items in pack]
+    lone = layouts[0] if len(pack) == 1 and not split else None
+    if lone is not None and (strategy == "replicate" or lone.b == 1 or lone.s_m * lone.s_n == 1):
+      ys = [_owner_map_replicated(fn, lone, args)]
+    else:  # owners (a lone group: its matrices spread over the devices, none padded)
+      ys = _owner_map_packed(fn, layouts, args, results, split)
     for items, group_ys in zip(pack, ys, strict=True):
       for it, y in zip(items, group_ys, strict=True):
         out[it.index] = y
@@ -387,48 +381,18 @@ def _owner_map_packed(fn: Callable[..., Any], groups: list[PackedGroup], args: t
   return packed_map(body, groups, args, out_spec)
 
 
-def _owner_map_group(fn: Callable[..., Any], items: list[OwnedMatrix], args: tuple,
-                     strategy: str) -> list[Any]:
-  """One shard_map of :func:`owner_map` over a group (equal shape and matrix sharding)."""
-  mesh = items[0].mesh
-  m, n = items[0].x.shape[-2:]
-  row_axes = _split_axes(items[0].spec[-2], mesh)
-  col_axes = _split_axes(items[0].spec[-1], mesh)
-  axes = row_axes + col_axes
-  s_m = math.prod(mesh.shape[a] for a in row_axes)
-  s_n = math.prod(mesh.shape[a] for a in col_axes)
-  s = s_m * s_n
-  ml, nl = m // s_m, n // s_n
-  batch_shapes = [local_shape(it.x.shape, it.spec, mesh)[:-2] for it in items]
-  counts = [math.prod(shape) for shape in batch_shapes]
-  b = sum(counts)
-  if strategy == "auto":
-    strategy = "owner" if b >= 2 else "replicate"
-  q = -(-b // s)
+def _owner_map_replicated(fn: Callable[..., Any], g: PackedGroup, args: tuple) -> list[Any]:
+  """:func:`owner_map`'s ``"replicate"`` strategy for one group: the whole matrices
+  all-gathered, ``fn`` on all of them on every device (no collective when the matrix
+  axes' mesh axes have size 1)."""
+  axes = g.row_axes + g.col_axes
 
   def body(*operands):
-    xs, a = operands[: len(items)], operands[len(items):]
-    cat = jnp.concatenate([x.reshape(c, ml, nl) for x, c in zip(xs, counts, strict=True)])
-    if s == 1:  # only mesh axes of size 1: the matrices are whole already
-      res = fn(cat, *a)
-    elif strategy == "owner":
-      cat = jnp.pad(cat, ((0, q * s - b), (0, 0), (0, 0)))
-      mine = _whole(jax.lax.all_to_all(cat.reshape(s, q, ml, nl), axes, 0, 0, tiled=True),
-                    s_m, s_n, ml, nl)
-      res = jax.tree.map(lambda y: jax.lax.all_gather(y, axes, axis=0, tiled=True)[:b],
-                         fn(mine, *a))
-    else:  # replicate
-      res = fn(_whole(jax.lax.all_gather(cat, axes, axis=0, tiled=False), s_m, s_n, ml, nl), *a)
-    starts = [sum(counts[:i]) for i in range(len(counts))]
+    xs, a = operands[: len(g.items)], operands[len(g.items):]
+    cat = jnp.concatenate([x.reshape(c, g.ml, g.nl) for x, c in zip(xs, g.counts, strict=True)])
+    if g.s_m * g.s_n > 1:
+      cat = g.whole(jax.lax.all_gather(cat, axes, axis=0, tiled=False))
+    return tuple(g.split(fn(cat, *a)))
 
-    def part(st, c, sh):  # one matrix array's results, with its own batch shape
-      return jax.tree.map(lambda y: y[st : st + c].reshape(*sh, *y.shape[1:]), res)
-
-    return tuple(part(*z) for z in zip(starts, counts, batch_shapes, strict=True))
-
-  in_specs = tuple(P(*it.spec) for it in items) + (P(),) * len(args)
-  out_specs = tuple(_batch_spec(it.spec) for it in items)
   # The all-gathered results are replicated over the matrix axes (not inferable: no check).
-  mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)
-  return list(mapped(*(it.x for it in items), *args))
+  return packed_map(body, [g], args, lambda it: _batch_spec(it.spec))[0]

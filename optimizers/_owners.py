@@ -149,6 +149,19 @@ class PackedGroup:
       return 2 * -(-self.b // s) * s * self.block  # padded owner: in and out
     return s * self.block  # replicate: one all-gather
 
+  def whole(self, blocks: jax.Array) -> jax.Array:
+    """``(s, k, ...)`` local blocks (axis 0 in block order, row-major over the row then
+    the column mesh axes) -> the ``k`` whole matrices ``(k, m, n)``."""
+    k = blocks.shape[1]
+    y = blocks.reshape(self.s_m, self.s_n, k, self.ml, self.nl).transpose(2, 0, 3, 1, 4)
+    return y.reshape(k, self.m, self.n)
+
+  def blocks(self, y: jax.Array) -> jax.Array:
+    """Inverse of :meth:`whole`: ``(k, m, n)`` -> ``(s, k, ml nl)`` in block order."""
+    k = y.shape[0]
+    y = y.reshape(k, self.s_m, self.ml, self.s_n, self.nl).transpose(1, 3, 0, 2, 4)
+    return y.reshape(self.s_m * self.s_n, k, self.block)
+
   def block_devices(self, axes: tuple[str, ...]) -> np.ndarray:
     """``(s,)``: for block ``p = row * s_n + col`` of a matrix (row-major over the row
     then the column mesh axes, as in the spec), the device's index in an all-to-all
@@ -246,8 +259,7 @@ class Packing:
     for gi, starts in by_group.items():
       g = self.groups[gi]
       blocks = jnp.stack([recv[self.block_devices[gi], st : st + g.block] for st in starts], 1)
-      y = blocks.reshape(g.s_m, g.s_n, len(starts), g.ml, g.nl).transpose(2, 0, 3, 1, 4)
-      out.append((gi, starts, y.reshape(len(starts), g.m, g.n)))
+      out.append((gi, starts, g.whole(blocks)))
     return out
 
 

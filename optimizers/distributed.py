@@ -93,7 +93,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -108,10 +107,8 @@ from optimizers._owners import (
   OwnedMatrix,
   PackedGroup,
   Packing,
-  axis_names,
   check_strategy,
   group_matrices,
-  local_shape,
   packed_map,
   packs,
   warn_fallback,
@@ -169,46 +166,30 @@ def _merged_tail_axes(shape: Sequence[int], dims: Any) -> tuple[int, ...]:
 def _run_group(fn: Callable[..., jax.Array], items: list[OwnedMatrix], args: tuple,
                strategy: str) -> list[jax.Array]:
   """One shard_map over a group of matrices with equal shape and matrix-axis sharding."""
-  mesh = items[0].mesh
-  m, n = items[0].x.shape[-2:]
-  row_axes, col_axes = axis_names(items[0].spec[-2]), axis_names(items[0].spec[-1])
-  axes = row_axes + col_axes
-  s_m = math.prod(mesh.shape[a] for a in row_axes)
-  s_n = math.prod(mesh.shape[a] for a in col_axes)
-  s = s_m * s_n
-  ml, nl = m // s_m, n // s_n
-  local_shapes = [local_shape(it.x.shape, it.spec, mesh) for it in items]
-  counts = [math.prod(shape[:-2]) for shape in local_shapes]
-  b = sum(counts)
+  g = PackedGroup(items)
+  axes = g.row_axes + g.col_axes
+  s = g.s_m * g.s_n
   if strategy == "auto":
-    strategy = "owner" if b >= 2 else "replicate"
-  q = -(-b // s)
-
-  def whole(blocks):  # (s, k, ml, nl), axis 0 = source device -> (k, m, n)
-    k = blocks.shape[1]
-    y = blocks.reshape(s_m, s_n, k, ml, nl).transpose(2, 0, 3, 1, 4)
-    return y.reshape(k, m, n)
+    strategy = "owner" if g.b >= 2 else "replicate"
+  q = -(-g.b // s)
 
   def body(*operands):
     xs, a = operands[: len(items)], operands[len(items):]
-    cat = jnp.concatenate([x.reshape(c, ml, nl) for x, c in zip(xs, counts, strict=True)])
+    cat = jnp.concatenate([x.reshape(c, g.ml, g.nl) for x, c in zip(xs, g.counts, strict=True)])
     if strategy == "owner":
-      cat = jnp.pad(cat, ((0, q * s - b), (0, 0), (0, 0)))
-      mine = whole(jax.lax.all_to_all(cat.reshape(s, q, ml, nl), axes, 0, 0, tiled=True))
-      out = fn(mine, *a)
-      back = out.reshape(q, s_m, ml, s_n, nl).transpose(1, 3, 0, 2, 4).reshape(s, q, ml, nl)
-      res = jax.lax.all_to_all(back, axes, 0, 0, tiled=True).reshape(s * q, ml, nl)[:b]
+      cat = jnp.pad(cat, ((0, q * s - g.b), (0, 0), (0, 0))).reshape(s, q, g.ml, g.nl)
+      back = g.blocks(fn(g.whole(jax.lax.all_to_all(cat, axes, 0, 0, tiled=True)), *a))
+      res = jax.lax.all_to_all(back, axes, 0, 0, tiled=True).reshape(s * q, g.ml, g.nl)[: g.b]
     else:  # replicate
-      out = fn(whole(jax.lax.all_gather(cat, axes, axis=0, tiled=False)), *a)
-      row = jax.lax.axis_index(row_axes) if row_axes else 0
-      col = jax.lax.axis_index(col_axes) if col_axes else 0
-      res = jax.lax.dynamic_slice(out, (0, row * ml, col * nl), (b, ml, nl))
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    return tuple(res[st : st + c].reshape(shape)
-                 for st, c, shape in zip(starts, counts, local_shapes, strict=True))
+      out = fn(g.whole(jax.lax.all_gather(cat, axes, axis=0, tiled=False)), *a)
+      row = jax.lax.axis_index(g.row_axes) if g.row_axes else 0
+      col = jax.lax.axis_index(g.col_axes) if g.col_axes else 0
+      res = jax.lax.dynamic_slice(out, (0, row * g.ml, col * g.nl), (g.b, g.ml, g.nl))
+    return tuple(g.split(res))
 
   specs = tuple(P(*it.spec) for it in items)
-  mapped = jax.shard_map(body, mesh=mesh, in_specs=specs + (P(),) * len(args), out_specs=specs)
+  mapped = jax.shard_map(body, mesh=g.items[0].mesh, in_specs=specs + (P(),) * len(args),
+                         out_specs=specs)
   return list(mapped(*(it.x for it in items), *args))
 
 
@@ -232,9 +213,7 @@ def _run_packed(fn: Callable[..., jax.Array], groups: list[PackedGroup], args: t
     out = jnp.zeros_like(recv)
     for gi, starts, whole in pack.whole(signature, recv):
       g = groups[gi]
-      res = fn(whole, *a).reshape(len(starts), g.s_m, g.ml, g.s_n, g.nl)
-      res = res.transpose(1, 3, 0, 2, 4).reshape(pack.s, len(starts), g.block)
-      res = res[np.argsort(pack.block_devices[gi])]  # block order -> device order
+      res = g.blocks(fn(whole, *a))[np.argsort(pack.block_devices[gi])]  # in device order
       for k, st in enumerate(starts):
         out = out.at[:, st : st + g.block].set(res[:, k])
     return out
